@@ -68,9 +68,17 @@ class Engine(ABC):
         """Whether ``prepare_avatar`` output under ``directory`` is complete."""
         return True
 
+    def context_for(self, options: MotionOptions) -> tuple[float, float]:
+        """Seconds of audio context per chunk side for these options (default: class value)."""
+        return self.context_seconds
+
     @abstractmethod
-    def start(self, avatar: Avatar, options: MotionOptions, total_frames: int) -> RenderSession:
-        """Begin a request for ``total_frames`` frames of ``avatar``."""
+    def start(self, avatar: Avatar, options: MotionOptions, total_frames: int, *,
+              assets: Path | None = None) -> RenderSession:
+        """Begin a request for ``total_frames`` frames of ``avatar``.
+
+        ``assets`` is the directory ``prepare_avatar`` wrote this avatar's files to.
+        """
 
 
 # name -> "module:Class"; modules are imported only when the engine is asked for, so the

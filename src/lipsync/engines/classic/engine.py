@@ -1,0 +1,110 @@
+"""The ``classic`` engine: CPU-only, no neural weights beyond the face landmarker.
+
+Motion comes from the audio signal itself (``motion.MotionGenerator``: loudness, formant
+balance, closures), rendering is a precomputed landmark-driven warp of the portrait plus a
+synthesized mouth interior (``rig`` + ``render``). Per-avatar rigs are cached on disk beside the
+avatar and in memory, so a warm request does no geometry work at all.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...types import AudioChunk, Avatar, Frames, MotionOptions
+from ..base import Engine, RenderSession
+from .motion import MotionGenerator, context_seconds_for
+from .render import FaceRenderer
+from .rig import RIG_VERSION, MouthRig, build_mouth_rig, rig_for_avatar
+
+if TYPE_CHECKING:
+    from ...settings import Settings
+
+
+class ClassicSession(RenderSession):
+    """One request: motion generator state + the avatar's renderer."""
+
+    def __init__(self, renderer: FaceRenderer, motion: MotionGenerator, still: bool) -> None:
+        self.renderer = renderer
+        self.motion = motion
+        self.still = still
+        self.last_times: dict[str, float] = {}
+
+    def render(self, chunk: AudioChunk) -> Frames:
+        t0 = time.perf_counter()
+        m = self.motion.process(chunk)
+        t1 = time.perf_counter()
+        frames = self.renderer.render(chunk.first_frame, m.jaw, m.lip_round, m.lip_close, m.blink, m.brow,
+                                      None if self.still else m.head)
+        t2 = time.perf_counter()
+        self.last_times = {"motion": t1 - t0, "render": t2 - t1}
+        return frames
+
+
+class ClassicEngine(Engine):
+    name = "classic"
+    sample_rate = 16_000
+    context_seconds = context_seconds_for(25, 16_000)
+    precompute_version = RIG_VERSION
+
+    def __init__(self, *, max_renderers: int = 8) -> None:
+        self._renderers: OrderedDict[tuple[str, int], FaceRenderer] = OrderedDict()
+        self._max = max_renderers
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "ClassicEngine":
+        return cls()
+
+    def context_for(self, options: MotionOptions) -> tuple[float, float]:
+        return context_seconds_for(options.fps, self.sample_rate)
+
+    # ------------------------------------------------------------------ per-avatar precompute
+    @staticmethod
+    def _rig_path(directory: Path, size: int) -> Path:
+        return directory / f"rig_{size}.npz"
+
+    def prepare_avatar(self, avatar: Avatar, directory: Path) -> None:
+        self._build_rig(avatar, avatar.size, directory)
+
+    def avatar_ready(self, directory: Path) -> bool:
+        return any(directory.glob("rig_*.npz"))
+
+    def _build_rig(self, avatar: Avatar, size: int, directory: Path | None) -> MouthRig:
+        image, landmarks = rig_for_avatar(avatar, size)
+        rig = build_mouth_rig(image, landmarks)
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            rig.save(self._rig_path(directory, size))
+        return rig
+
+    def renderer(self, avatar: Avatar, size: int, assets: Path | None = None) -> FaceRenderer:
+        """The avatar's renderer at ``size``: from memory, else the disk rig, else built now."""
+        key = (avatar.id, size)
+        with self._lock:
+            r = self._renderers.get(key)
+            if r is not None:
+                self._renderers.move_to_end(key)
+                return r
+        rig = MouthRig.load(self._rig_path(assets, size)) if assets is not None else None
+        if rig is None:  # missing, from an older version, or damaged: rebuild, never trust it
+            rig = self._build_rig(avatar, size, assets)
+        image, _ = rig_for_avatar(avatar, size)
+        r = FaceRenderer(image, rig)
+        with self._lock:
+            self._renderers[key] = r
+            while len(self._renderers) > self._max:
+                self._renderers.popitem(last=False)
+        return r
+
+    def start(self, avatar: Avatar, options: MotionOptions, total_frames: int, *,
+              assets: Path | None = None) -> ClassicSession:
+        renderer = self.renderer(avatar, options.size, assets)
+        motion = MotionGenerator(options, sample_rate=self.sample_rate, seed=int(options.seed or 0))
+        return ClassicSession(renderer, motion, options.still)
+
+    def warmup(self) -> None:
+        # Nothing lazy worth warming: no models; numpy/cv2 kernels are ready at import.
+        return None
