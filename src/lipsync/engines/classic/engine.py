@@ -99,6 +99,13 @@ class ClassicEngine(Engine):
                 self._renderers.popitem(last=False)
         return r
 
+    def clear_caches(self) -> None:
+        """Drop every renderer's cached mouth/eye patches (the rigs stay)."""
+        with self._lock:
+            renderers = list(self._renderers.values())
+        for r in renderers:
+            r.clear_caches()
+
     def start(self, avatar: Avatar, options: MotionOptions, total_frames: int, *,
               assets: Path | None = None) -> ClassicSession:
         renderer = self.renderer(avatar, options.size, assets)

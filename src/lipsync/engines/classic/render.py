@@ -7,6 +7,9 @@ converting only the redrawn regions, so the untouched 80 % of every frame costs 
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import cv2
 import numpy as np
 
@@ -17,7 +20,6 @@ from .rig import (
     ROUND_IN,
     SPREAD_OUT,
     MouthRig,
-    _smoothstep,
 )
 
 _OPEN_GAIN = JAW_LOWER + JAW_UPPER  # inner-lip gap (iod) added at jaw = 1
@@ -51,6 +53,7 @@ class FaceRenderer:
         self._box_s = rel @ r.axes[0]
         self._box_t = rel @ r.axes[1]
         self._rest_gap_px = np.maximum(r.lo_rest - r.up_rest, 0.0)
+        self._rest_gap_max = float(self._rest_gap_px.max())
         s = r.s_dense
         hw = r.half_width_inner
         prof = np.sqrt(np.clip(1 - (s / hw) ** 2, 0, 1))
@@ -58,6 +61,11 @@ class FaceRenderer:
         self._jaw_up = -(JAW_UPPER * r.iod) * prof + corner * (1 - prof)
         self._jaw_lo = (JAW_LOWER * r.iod) * prof + corner * (1 - prof)
         self._head_weight: np.ndarray | None = None
+        self._mouth_cache: OrderedDict[bytes, tuple] = OrderedDict()
+        self._eye_cache: OrderedDict[bytes, tuple] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
         self._lash = 0.03 * r.iod
 
     # ------------------------------------------------------------------ coefficients
@@ -88,8 +96,9 @@ class FaceRenderer:
         for k in np.flatnonzero(coeffs > 1e-4):
             np.multiply(r.fields[k], coeffs[k], out=tmp)
             sample += tmp
-        sample = sample.reshape(self._mh, self._mw, 2)
-        out = cv2.remap(self.image, sample, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        # fixed-point maps: the conversion plus a fixed-point remap beats a float remap
+        m1, m2 = cv2.convertMaps(sample.reshape(self._mh, self._mw, 2), None, cv2.CV_16SC2)
+        out = cv2.remap(self.image, m1, m2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         self._paint_interior(out, coeffs)
         return out
 
@@ -109,32 +118,42 @@ class FaceRenderer:
             self._paint_seam(roi, s, up, lo, strength=float(coeffs[1]) * (1.0 - gap / 2.0))
         if gap < 0.6:
             return  # lips together: nothing of the inside shows
-        # inner-lip polygon in pixels, inside the interior box
+        # inner-lip polygon in pixels, relative to the interior box; all the compositing below
+        # runs on the polygon's bounding box only (a speaking mouth is a fraction of the box)
         upper = r.origin + s[:, None] * r.axes[0] + up[:, None] * r.axes[1]
         lower = r.origin + s[::-1, None] * r.axes[0] + lo[::-1, None] * r.axes[1]
         poly = np.vstack([upper, lower]) - np.array([self._ix0, self._iy0])
         bh, bw = self._iy1 - self._iy0, self._ix1 - self._ix0
-        mask = np.zeros((bh, bw), np.uint8)
-        cv2.fillPoly(mask, [np.round(poly * 16).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=4)
+        pad = 3
+        sx0 = max(0, int(np.floor(poly[:, 0].min())) - pad)
+        sy0 = max(0, int(np.floor(poly[:, 1].min())) - pad)
+        sx1 = min(bw, int(np.ceil(poly[:, 0].max())) + pad + 1)
+        sy1 = min(bh, int(np.ceil(poly[:, 1].max())) + pad + 1)
+        if sx1 <= sx0 or sy1 <= sy0:
+            return
+        sw, sh = sx1 - sx0, sy1 - sy0
+        mask = np.zeros((sh, sw), np.uint8)
+        cv2.fillPoly(mask, [np.round((poly - (sx0, sy0)) * 16).astype(np.int32)], 255,
+                     lineType=cv2.LINE_AA, shift=4)
         m = mask.astype(np.float32) * (1.0 / 255.0)
-        # lower teeth ride with the jaw: shift their texture by the lower lip's centre motion
+        # lower teeth and tongue ride with the jaw: shift their texture by the lower lip's
+        # centre motion (sampled straight into the sub-window)
         c_jaw, c_close = float(coeffs[0]), float(coeffs[1])
-        jaw_shift = c_jaw * JAW_LOWER * r.iod - c_close * 0.6 * float(self._rest_gap_px.max())
-        lower = r.lower_teeth
-        if abs(jaw_shift) > 0.25:
-            dx, dy = jaw_shift * r.axes[1]
-            lower = cv2.warpAffine(lower, np.float32([[1, 0, dx], [0, 1, dy]]), (bw, bh),
-                                   flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        jaw_shift = c_jaw * JAW_LOWER * r.iod - c_close * 0.6 * self._rest_gap_max
+        dx, dy = jaw_shift * r.axes[1]
+        lower = cv2.warpAffine(r.lower_teeth, np.float32([[1, 0, dx - sx0], [0, 1, dy - sy0]]), (sw, sh),
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         # depth: the cavity darkens towards the lips; teeth and tongue carry their own shading
         soft = cv2.GaussianBlur(m, (0, 0), sigmaX=max(1.0, 0.02 * r.iod))
-        col = r.cavity * (0.55 + 0.45 * soft)[..., None]
+        col = r.cavity[sy0:sy1, sx0:sx1] * (0.55 + 0.45 * soft)[..., None]
         la = lower[..., 3:4]
-        col = col + (lower[..., :3] - col) * la
-        ua = r.upper_teeth[..., 3:4]
-        col = col + (r.upper_teeth[..., :3] - col) * ua
+        col += (lower[..., :3] - col) * la
+        upper_teeth = r.upper_teeth[sy0:sy1, sx0:sx1]
+        col += (upper_teeth[..., :3] - col) * upper_teeth[..., 3:4]
         # the lip edge itself: a one-pixel feather
         edge = cv2.GaussianBlur(m, (3, 3), 0)[..., None]
-        box = roi[self._iy0 - self._my0:self._iy1 - self._my0, self._ix0 - self._mx0:self._ix1 - self._mx0]
+        oy, ox = self._iy0 - self._my0 + sy0, self._ix0 - self._mx0 + sx0
+        box = roi[oy:oy + sh, ox:ox + sw]
         blended = box.astype(np.float32) * (1.0 - edge) + col * edge
         box[...] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
@@ -146,12 +165,21 @@ class FaceRenderer:
         keep = np.abs(s) < 0.96 * np.abs(s).max()
         pts = r.origin + s[keep, None] * r.axes[0] + mid[keep, None] * r.axes[1]
         pts = pts - np.array([self._mx0, self._my0])
-        line = np.zeros(roi.shape[:2], np.float32)
-        cv2.polylines(line, [np.round(pts * 16).astype(np.int32)], False, 1.0, thickness=1,
+        pad = 4
+        x0 = max(0, int(pts[:, 0].min()) - pad)
+        y0 = max(0, int(pts[:, 1].min()) - pad)
+        x1 = min(roi.shape[1], int(pts[:, 0].max()) + pad + 1)
+        y1 = min(roi.shape[0], int(pts[:, 1].max()) + pad + 1)
+        if x1 <= x0 or y1 <= y0:
+            return
+        line = np.zeros((y1 - y0, x1 - x0), np.float32)
+        cv2.polylines(line, [np.round((pts - (x0, y0)) * 16).astype(np.int32)], False, 1.0, thickness=1,
                       lineType=cv2.LINE_AA, shift=4)
         line = cv2.GaussianBlur(line, (0, 0), sigmaX=1.0)
         fade = np.float32(0.3 * min(1.0, strength))
-        roi[...] = np.clip(roi.astype(np.float32) * (1.0 - fade * np.minimum(line * 1.6, 1.0))[..., None], 0, 255).astype(np.uint8)
+        band = roi[y0:y1, x0:x1]
+        shade = 1.0 - fade * np.minimum(line * 1.6, 1.0)
+        band[...] = np.clip(band.astype(np.float32) * shade[..., None], 0, 255).astype(np.uint8)
 
     # ------------------------------------------------------------------ eyes and brows
     def _eyes(self, blink: float, brow: float) -> np.ndarray | None:
@@ -212,6 +240,42 @@ class FaceRenderer:
         cv2.ellipse(mask, (int(centre[0]), int(centre[1])), axes, angle, 0, 360, 1.0, -1)
         return cv2.GaussianBlur(mask, (0, 0), sigmaX=0.45 * r.iod)
 
+    # ------------------------------------------------------------------ patch caches
+    def clear_caches(self) -> None:
+        """Forget rendered patches (memory pressure, or benchmarking unseen speech)."""
+        with self._cache_lock:
+            self._mouth_cache.clear()
+            self._eye_cache.clear()
+
+    def _cached(self, cache: OrderedDict, key: bytes, limit: int, build):
+        with self._cache_lock:
+            hit = cache.get(key)
+            if hit is not None:
+                cache.move_to_end(key)
+                self.cache_hits += 1
+                return hit
+        value = build()
+        with self._cache_lock:
+            cache[key] = value
+            while len(cache) > limit:
+                cache.popitem(last=False)
+            self.cache_misses += 1
+        return value
+
+    def mouth_patch(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """I420 planes of the lower-face ROI for quantized basis weights (LRU-cached: speech
+        revisits the same mouth shapes, and silence is one shape)."""
+        scratch = (np.empty_like(self._grid_flat), np.empty_like(self._grid_flat))
+        return self._cached(self._mouth_cache, coeffs.tobytes(), MOUTH_CACHE_SIZE,
+                            lambda: _i420_planes(self._mouth(coeffs, scratch)))
+
+    def eye_patch(self, blink: float, brow: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        rgb_key = np.array([blink, brow], np.float32).tobytes()
+        if blink < 0.02 and abs(brow) < 0.02:
+            return None
+        return self._cached(self._eye_cache, rgb_key, EYE_CACHE_SIZE,
+                            lambda: _i420_planes(self._eyes(blink, brow)))
+
     # ------------------------------------------------------------------ frames
     def render(self, first_frame: int, jaw, lip_round, lip_close, blink, brow, head=None) -> Frames:
         """I420 frames for per-frame control arrays (all of length n)."""
@@ -219,44 +283,68 @@ class FaceRenderer:
         h, w = self.height, self.width
         out = np.empty((n, h * 3 // 2, w), np.uint8)
         out[:] = self.base_yuv
-        moving_head = head is not None and np.any(np.abs(head) > 1e-3)
+        if head is not None and np.any(np.abs(head) > 1e-3):
+            return self._render_moving(first_frame, out, jaw, lip_round, lip_close, blink, brow, head)
+        blink_q = np.round(np.asarray(blink, np.float64) * EYE_STEPS) / EYE_STEPS
+        brow_q = np.round(np.asarray(brow, np.float64) * EYE_STEPS) / EYE_STEPS
+        for i in range(n):
+            coeffs = _quantize(self.coefficients(jaw[i], lip_close[i], lip_round[i]))
+            if np.any(coeffs > 0):
+                _paste_planes(out[i], self.mouth_patch(coeffs), self._mx0, self._my0, h, w)
+            eyes = self.eye_patch(float(blink_q[i]), float(brow_q[i]))
+            if eyes is not None:
+                _paste_planes(out[i], eyes, self._eye[0], self._eye[1], h, w)
+        return Frames(first_index=first_frame, data=out, pixel_format="yuv420p")
+
+    def _render_moving(self, first_frame, out, jaw, lip_round, lip_close, blink, brow, head) -> Frames:
+        """Still mode off: compose in RGB, move the head, convert the whole frame."""
         scratch = (np.empty_like(self._grid_flat), np.empty_like(self._grid_flat))
         mx0, my0, mx1, my1 = self._mx0, self._my0, self._mx1, self._my1
         ex0, ey0, ex1, ey1 = self._eye
-        for i in range(n):
-            coeffs = self.coefficients(jaw[i], lip_close[i], lip_round[i])
-            mouth = self._mouth(coeffs, scratch) if np.any(coeffs > 1e-4) else None
+        for i in range(len(jaw)):
+            coeffs = _quantize(self.coefficients(jaw[i], lip_close[i], lip_round[i]))
+            frame = self.image.copy()
+            if np.any(coeffs > 0):
+                frame[my0:my1, mx0:mx1] = self._mouth(coeffs, scratch)
             eyes = self._eyes(float(blink[i]), float(brow[i]))
-            if moving_head:
-                frame = self.image.copy()
-                if mouth is not None:
-                    frame[my0:my1, mx0:mx1] = mouth
-                if eyes is not None:
-                    frame[ey0:ey1, ex0:ex1] = eyes
-                hm = self._head_map(*(float(v) for v in head[i]))
-                frame = cv2.remap(frame, hm, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-                out[i] = cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420)
-                continue
-            if mouth is not None:
-                _paste_i420(out[i], mouth, mx0, my0, h, w)
             if eyes is not None:
-                _paste_i420(out[i], eyes, ex0, ey0, h, w)
+                frame[ey0:ey1, ex0:ex1] = eyes
+            hm = self._head_map(*(float(v) for v in head[i]))
+            frame = cv2.remap(frame, hm, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+            out[i] = cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420)
         return Frames(first_index=first_frame, data=out, pixel_format="yuv420p")
 
 
-def _paste_i420(frame: np.ndarray, rgb: np.ndarray, x0: int, y0: int, h: int, w: int) -> None:
-    """Write an RGB patch (even size, even offset) into a planar I420 frame in place."""
+# Quantization of the per-frame mouth weights (jaw, close, round, spread). One jaw step moves the
+# lower lip by 0.37/64 iod (under a pixel at 512x512): invisible, and it lets the patch cache
+# serve repeated shapes.
+_QUANT = np.array([64.0, 32.0, 24.0, 24.0], np.float32)
+EYE_STEPS = 20
+MOUTH_CACHE_SIZE = 192  # ~100 KB each at 512x512
+EYE_CACHE_SIZE = 64
+
+
+def _quantize(coeffs: np.ndarray) -> np.ndarray:
+    return (np.round(coeffs * _QUANT) / _QUANT).astype(np.float32)
+
+
+def _i420_planes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ph, pw = rgb.shape[:2]
     yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420).reshape(-1)
+    n_y, n_c = ph * pw, (ph // 2) * (pw // 2)
+    return (yuv[:n_y].reshape(ph, pw), yuv[n_y:n_y + n_c].reshape(ph // 2, pw // 2),
+            yuv[n_y + n_c:].reshape(ph // 2, pw // 2))
+
+
+def _paste_planes(frame: np.ndarray, planes, x0: int, y0: int, h: int, w: int) -> None:
+    """Write I420 planes of a patch (even size and offset) into a planar I420 frame in place."""
+    py, pu, pv = planes
+    ph, pw = py.shape
     flat = frame.reshape(-1)
-    y_plane = flat[: h * w].reshape(h, w)
-    u_plane = flat[h * w: h * w + (h // 2) * (w // 2)].reshape(h // 2, w // 2)
-    v_plane = flat[h * w + (h // 2) * (w // 2):].reshape(h // 2, w // 2)
-    n_y = ph * pw
-    n_c = (ph // 2) * (pw // 2)
-    y_plane[y0:y0 + ph, x0:x0 + pw] = yuv[:n_y].reshape(ph, pw)
-    u_plane[y0 // 2:(y0 + ph) // 2, x0 // 2:(x0 + pw) // 2] = yuv[n_y:n_y + n_c].reshape(ph // 2, pw // 2)
-    v_plane[y0 // 2:(y0 + ph) // 2, x0 // 2:(x0 + pw) // 2] = yuv[n_y + n_c:].reshape(ph // 2, pw // 2)
+    quarter = (h // 2) * (w // 2)
+    flat[: h * w].reshape(h, w)[y0:y0 + ph, x0:x0 + pw] = py
+    flat[h * w: h * w + quarter].reshape(h // 2, w // 2)[y0 // 2:(y0 + ph) // 2, x0 // 2:(x0 + pw) // 2] = pu
+    flat[h * w + quarter:].reshape(h // 2, w // 2)[y0 // 2:(y0 + ph) // 2, x0 // 2:(x0 + pw) // 2] = pv
 
 
-__all__ = ["FaceRenderer", "_smoothstep"]
+__all__ = ["FaceRenderer"]
