@@ -113,7 +113,7 @@ class LipSyncPipeline:
         from .io import load_image
         from .io.source import read_source
 
-        data = read_source(image, max_bytes=self.settings.max_upload_bytes, what="image")
+        data = read_source(image, max_bytes=_upload_limit(image, self.settings), what="image")
         img = load_image(data, max_pixels=self.settings.max_image_pixels)
         avatar, hit = precompute_avatar(img, cache=self.cache, detector=self.detector, size=AVATAR_SIZE,
                                         force=force, source_bytes=data)
@@ -168,7 +168,11 @@ class LipSyncPipeline:
         return avatar
 
     def resolve_avatar(self, ref: AvatarRef) -> tuple[Avatar, bool]:
-        """An Avatar from an Avatar, a cached id, an image path/bytes, or None (the default)."""
+        """An Avatar from an Avatar, a cached id, an image path/bytes, or None (the default).
+
+        A string that is not a cached avatar id is taken as a file path: never pass strings from
+        untrusted clients here (the server passes ids to ``get_avatar`` and uploads as bytes).
+        """
         if ref is None:
             hit = self._default is not None
             return self.default_avatar(), hit
@@ -210,7 +214,7 @@ class LipSyncPipeline:
             return audio
         return decode_audio(audio, sample_rate=self.engine.sample_rate,
                             max_seconds=self.settings.max_audio_seconds,
-                            max_bytes=self.settings.max_upload_bytes)
+                            max_bytes=_upload_limit(audio, self.settings))
 
     # ------------------------------------------------------------------ generation
     def render_frames(self, clip: AudioClip, avatar: Avatar, options: MotionOptions, *,
@@ -231,19 +235,22 @@ class LipSyncPipeline:
                                      context=self.engine.context_for(options)):
                 if deadline is not None and time.monotonic() > deadline:
                     raise JobTimeout(f"generation took longer than the {self.settings.request_timeout_s:g} s limit")
-                t0 = time.perf_counter()
-                frames = session.render(chunk)
+                batches = session.render_iter(chunk)
+                engine_s = 0.0
+                while True:
+                    t0 = time.perf_counter()
+                    frames = next(batches, None)
+                    engine_s += time.perf_counter() - t0  # the engine's time only, not the consumer's
+                    if frames is None:
+                        break
+                    done += len(frames)
+                    yield frames
+                    if progress is not None:
+                        progress(done, total)
                 if timer is not None:
-                    split = getattr(session, "last_times", None)
-                    if split:
-                        for k, v in split.items():
-                            timer.add(k, v)
-                    else:
-                        timer.add("render", time.perf_counter() - t0)
-                done += len(frames)
-                yield frames
-                if progress is not None:
-                    progress(done, total)
+                    split = getattr(session, "last_times", None)  # an engine's own motion/render split
+                    for k, v in (split or {"render": engine_s}).items():
+                        timer.add(k, v)
         finally:
             session.close()
 
@@ -328,6 +335,12 @@ class LipSyncPipeline:
             on_done(GenerateResult(avatar_id=av.id, frames=frames_done, fps=opts.fps,
                                    audio_seconds=clip.duration, output=None, times=timer.result(),
                                    avatar_cache_hit=hit))
+
+
+def _upload_limit(source, settings: Settings) -> int | None:
+    """The upload size limit applies to bytes handed in (network uploads, API callers), not to
+    the operator's own files such as the configured default portrait."""
+    return settings.max_upload_bytes if isinstance(source, (bytes, bytearray, memoryview)) else None
 
 
 class _ByteSink:

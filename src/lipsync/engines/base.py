@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import ConfigError, EngineUnavailable
@@ -25,6 +26,11 @@ class RenderSession(ABC):
     @abstractmethod
     def render(self, chunk: AudioChunk) -> Frames:
         """Frames for ``chunk.first_frame`` .. ``chunk.first_frame + chunk.n_frames - 1``."""
+
+    def render_iter(self, chunk: AudioChunk) -> Iterator[Frames]:
+        """The chunk's frames in consecutive batches; engines that can hand frames over before the
+        whole chunk is done override this so the encoder starts sooner (better overlap)."""
+        yield self.render(chunk)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release per-request resources."""

@@ -10,8 +10,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ...types import AudioChunk, Avatar, Frames, MotionOptions
 from ..base import Engine, RenderSession
@@ -33,14 +36,28 @@ class ClassicSession(RenderSession):
         self.last_times: dict[str, float] = {}
 
     def render(self, chunk: AudioChunk) -> Frames:
+        batches = list(self.render_iter(chunk))
+        if len(batches) == 1:
+            return batches[0]
+        return Frames(batches[0].first_index, np.concatenate([b.data for b in batches]), batches[0].pixel_format)
+
+    def render_iter(self, chunk: AudioChunk) -> Iterator[Frames]:
+        """Motion for the whole chunk (it needs the chunk's audio context), then frames in small
+        batches so the background encoder starts on the first second while the rest renders."""
         t0 = time.perf_counter()
         m = self.motion.process(chunk)
-        t1 = time.perf_counter()
-        frames = self.renderer.render(chunk.first_frame, m.jaw, m.lip_round, m.lip_close, m.blink, m.brow,
-                                      None if self.still else m.head)
-        t2 = time.perf_counter()
-        self.last_times = {"motion": t1 - t0, "render": t2 - t1}
-        return frames
+        self.last_times = {"motion": time.perf_counter() - t0, "render": 0.0}
+        for a in range(0, len(m), RENDER_BATCH):
+            b = min(len(m), a + RENDER_BATCH)
+            t1 = time.perf_counter()
+            frames = self.renderer.render(chunk.first_frame + a, m.jaw[a:b], m.lip_round[a:b], m.lip_close[a:b],
+                                          m.blink[a:b], m.brow[a:b], None if self.still else m.head[a:b])
+            self.last_times["render"] += time.perf_counter() - t1
+            yield frames
+
+
+#: Frames handed to the encoder at a time (one second at 25 fps).
+RENDER_BATCH = 25
 
 
 class ClassicEngine(Engine):

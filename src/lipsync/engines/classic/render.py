@@ -85,19 +85,16 @@ class FaceRenderer:
         return np.array([c_jaw, c_close, c_round, c_spread], dtype=np.float32)
 
     # ------------------------------------------------------------------ mouth
-    def _mouth(self, coeffs: np.ndarray, scratch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """The lower-face ROI (RGB uint8) for one frame. ``scratch``: two buffers shaped like the
-        flat sampling grid (per call, so sessions can share one renderer across threads)."""
+    def _mouth(self, coeffs: np.ndarray) -> np.ndarray:
+        """The lower-face ROI (RGB uint8) for one frame."""
         r = self.rig
-        # identity + sum of the active bases; plain multiply-adds (a BLAS gemv here would spin
-        # up threads that fight the encoder for the two cores)
-        sample, tmp = scratch
-        np.copyto(sample, self._grid_flat)
+        # identity + sum of the active bases (cv2.scaleAdd: one SIMD pass per basis; a BLAS
+        # gemv here would spin up threads that fight the encoder for the two cores)
+        sample = self._grid_flat
         for k in np.flatnonzero(coeffs > 1e-4):
-            np.multiply(r.fields[k], coeffs[k], out=tmp)
-            sample += tmp
+            sample = cv2.scaleAdd(r.fields[k], float(coeffs[k]), sample)
         # fixed-point maps: the conversion plus a fixed-point remap beats a float remap
-        m1, m2 = cv2.convertMaps(sample.reshape(self._mh, self._mw, 2), None, cv2.CV_16SC2)
+        m1, m2 = cv2.convertMaps(np.asarray(sample).reshape(self._mh, self._mw, 2), None, cv2.CV_16SC2)
         out = cv2.remap(self.image, m1, m2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         self._paint_interior(out, coeffs)
         return out
@@ -265,9 +262,8 @@ class FaceRenderer:
     def mouth_patch(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """I420 planes of the lower-face ROI for quantized basis weights (LRU-cached: speech
         revisits the same mouth shapes, and silence is one shape)."""
-        scratch = (np.empty_like(self._grid_flat), np.empty_like(self._grid_flat))
         return self._cached(self._mouth_cache, coeffs.tobytes(), MOUTH_CACHE_SIZE,
-                            lambda: _i420_planes(self._mouth(coeffs, scratch)))
+                            lambda: _i420_planes(self._mouth(coeffs)))
 
     def eye_patch(self, blink: float, brow: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         rgb_key = np.array([blink, brow], np.float32).tobytes()
@@ -298,14 +294,13 @@ class FaceRenderer:
 
     def _render_moving(self, first_frame, out, jaw, lip_round, lip_close, blink, brow, head) -> Frames:
         """Still mode off: compose in RGB, move the head, convert the whole frame."""
-        scratch = (np.empty_like(self._grid_flat), np.empty_like(self._grid_flat))
         mx0, my0, mx1, my1 = self._mx0, self._my0, self._mx1, self._my1
         ex0, ey0, ex1, ey1 = self._eye
         for i in range(len(jaw)):
             coeffs = _quantize(self.coefficients(jaw[i], lip_close[i], lip_round[i]))
             frame = self.image.copy()
             if np.any(coeffs > 0):
-                frame[my0:my1, mx0:mx1] = self._mouth(coeffs, scratch)
+                frame[my0:my1, mx0:mx1] = self._mouth(coeffs)
             eyes = self._eyes(float(blink[i]), float(brow[i]))
             if eyes is not None:
                 frame[ey0:ey1, ex0:ex1] = eyes

@@ -1,0 +1,106 @@
+"""stream=true: fragmented MP4 that arrives while later chunks are still rendering."""
+
+from __future__ import annotations
+
+import socket
+import time
+from urllib.parse import urlparse
+
+import httpx
+
+from tests.conftest import shared_path
+from tests.e2e.conftest import LiveServer, mp4_facts, wav_bytes
+
+SLOW = {"LIPSYNC_ENGINE": "fake", "LIPSYNC_FAKE_CHUNK_DELAY_S": "0.5", "LIPSYNC_CHUNK_SECONDS": "1.0"}
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_stream_decodes_to_every_frame(live_server: LiveServer) -> None:
+    wav = shared_path("speech", "en_librivox_0870.wav")
+    arrivals: list[float] = []
+    parts: list[bytes] = []
+    with live_server.client() as client:
+        t0 = time.monotonic()
+        with client.stream(
+            "POST", "/generate", files={"audio": ("a.wav", wav.read_bytes())}, data={"stream": "true"}
+        ) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"] == "video/mp4"
+            for part in r.iter_raw():
+                arrivals.append(time.monotonic() - t0)
+                parts.append(part)
+    data = b"".join(parts)
+    facts = mp4_facts(data)
+    assert "moof" in facts.top_boxes, "expected a fragmented MP4"
+    assert facts.video_codec == "h264" and (facts.width, facts.height) == (512, 512)
+    assert facts.audio_codec == "aac"
+    assert abs(facts.frames - 7.1 * 25) <= 1.5, facts.frames
+    assert len(arrivals) > 1 and arrivals[0] < arrivals[-1]
+
+
+def test_first_bytes_arrive_while_later_chunks_still_render(server_factory) -> None:
+    server = server_factory(engine="fake", env=SLOW)
+    audio = wav_bytes(4.0)  # four 1 s chunks, each taking 0.5 s to "render"
+    videos_before = server.stats()["generated"]["videos"]
+    with server.client() as client:
+        t0 = time.monotonic()
+        with client.stream(
+            "POST", "/generate", files={"audio": ("a.wav", audio)}, params={"stream": "true"}
+        ) as r:
+            assert r.status_code == 200
+            chunks = r.iter_raw()
+            first = next(chunks)
+            t_first = time.monotonic() - t0
+            # Structural proof, not a stopwatch: the job is still running when bytes arrive.
+            stats = server.stats()
+            assert stats["queue"]["in_flight"] == 1
+            assert stats["generated"]["videos"] == videos_before
+            rest = b"".join(chunks)
+            t_last = time.monotonic() - t0
+    assert t_first < t_last
+    assert mp4_facts(first + rest).frames == 100
+    _wait_for(lambda: server.stats()["generated"]["videos"] == videos_before + 1)
+
+
+def _send_and_hang_up(server: LiveServer, path: str, audio: bytes, *, wait_for_bytes: bool) -> None:
+    """Upload, optionally read the first bytes, then close the socket mid-job."""
+    u = urlparse(server.url)
+    boundary = "b0undary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + audio
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection((u.hostname, u.port), timeout=60) as sock:
+        sock.sendall(head.encode() + body)
+        if wait_for_bytes:
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        _wait_for(lambda: server.stats()["queue"]["in_flight"] == 1)
+
+
+def test_client_disconnect_stops_the_render(server_factory) -> None:
+    server = server_factory(engine="fake", env=SLOW)
+    audio = wav_bytes(60.0)  # 60 chunks x 0.5 s = 30 s of render if nobody stopped it
+    # Streamed: the client hangs up after the first fragment.
+    _send_and_hang_up(server, "/generate?stream=true", audio, wait_for_bytes=True)
+    _wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, timeout=15)
+    # Not streamed: the client gives up while the job runs.
+    _send_and_hang_up(server, "/generate", audio, wait_for_bytes=False)
+    _wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, timeout=15)
+    stats = server.stats()
+    assert stats["requests"]["by_endpoint"]["POST /generate"]["failed"] == {"client_disconnected": 2}
+    assert stats["generated"]["videos"] == 0
+    assert httpx.get(f"{server.url}/health").status_code == 200
