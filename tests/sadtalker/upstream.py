@@ -3,8 +3,9 @@
 The wheel is fetched with ``pip download --no-deps`` into a cache folder (never a runtime
 dependency, never committed). Its package ``__init__`` pulls in the whole app (gradio, kornia,
 face-alignment...), so we register an empty ``sadtalker`` package whose ``__path__`` points at
-the unpacked sources and stub the single unused ``kornia.geometry.warp_affine`` import; after that
-the network modules need only torch, numpy and scipy.
+the unpacked sources and stub the single unused ``kornia.geometry.warp_affine`` import (and, when
+scikit-image is absent, the unused ``skimage.transform`` import of ``face3d.util.preprocess``);
+after that the network modules need only torch, numpy, scipy, PIL and cv2.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def upstream_root() -> Path:
             capture_output=True,
             text=True,
             timeout=600,
+            check=False,
         )
         found = sorted(wheels.glob("sadtalker_z-0.1.6-*.whl"))
         if proc.returncode != 0 or not found:
@@ -71,10 +73,32 @@ def _install_stubs(root: Path) -> None:
         kornia.geometry = geometry
         sys.modules["kornia"] = kornia
         sys.modules["kornia.geometry"] = geometry
+    try:
+        import skimage
+    except ImportError:
+        # face3d.util.preprocess imports ``skimage.transform`` at module level but align_img and
+        # friends never use it; an empty stand-in lets the module import.
+        skimage = types.ModuleType("skimage")
+        transform = types.ModuleType("skimage.transform")
+        skimage.transform = transform
+        skimage.__lipsync_stub__ = True
+        sys.modules["skimage"] = skimage
+        sys.modules["skimage.transform"] = transform
 
 
 def upstream_module(name: str):
     """Import ``sadtalker.<name>`` from the upstream sources, e.g. ``facerender.modules.generator``."""
     root = upstream_root()
     _install_stubs(root)
-    return importlib.import_module(f"sadtalker.{name}")
+    import numpy as np
+
+    # Upstream was written for numpy 1.x; face3d.util.preprocess touches
+    # ``np.VisibleDeprecationWarning`` (moved to ``np.exceptions`` in numpy 2) at import time.
+    shimmed = not hasattr(np, "VisibleDeprecationWarning")
+    if shimmed:
+        np.VisibleDeprecationWarning = np.exceptions.VisibleDeprecationWarning
+    try:
+        return importlib.import_module(f"sadtalker.{name}")
+    finally:
+        if shimmed:
+            del np.VisibleDeprecationWarning
