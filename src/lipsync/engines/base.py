@@ -25,7 +25,13 @@ class RenderSession(ABC):
 
     @abstractmethod
     def render(self, chunk: AudioChunk) -> Frames:
-        """Frames for ``chunk.first_frame`` .. ``chunk.first_frame + chunk.n_frames - 1``."""
+        """The next frames of the request, in order.
+
+        Usually exactly the chunk's frames; an engine whose frames need look-ahead (SadTalker's
+        27-frame coefficient windows) may hold some back and return them with the next chunk, so
+        a batch can start before ``chunk.first_frame`` or be empty. ``Frames.first_index`` says
+        where each batch starts; after the last chunk every frame has been returned.
+        """
 
     def render_iter(self, chunk: AudioChunk) -> Iterator[Frames]:
         """The chunk's frames in consecutive batches; engines that can hand frames over before the
