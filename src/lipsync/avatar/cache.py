@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from ..errors import AvatarNotFound, ConfigError
+from ..fsutil import _fsync_dir, write_file_atomic  # noqa: F401 - write_file_atomic is re-exported
 from ..types import Avatar
 
 log = logging.getLogger(__name__)
@@ -62,38 +63,11 @@ def validate_avatar_id(avatar_id: object) -> str:
     return avatar_id
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "xb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a
-    partial write: temp file beside it, fsync, ``os.replace``, fsync of the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)

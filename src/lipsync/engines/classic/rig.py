@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 from scipy.interpolate import PchipInterpolator, RBFInterpolator
 
+from ...fsutil import atomic_write
 from ...types import Avatar
 
 RIG_VERSION = "3"
@@ -82,9 +83,12 @@ class MouthRig:
     def save(self, path: Path) -> None:
         arrays = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
         arrays["rig_version"] = np.asarray(RIG_VERSION)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+                np.savez(f, **arrays)
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: Path) -> "MouthRig | None":

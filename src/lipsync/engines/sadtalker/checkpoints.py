@@ -20,8 +20,6 @@ without it.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import CheckpointError, ConfigError
+from ...fsutil import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -321,7 +320,7 @@ def save_official_layout(
         for key, tensor in state.items()
     }
     main = directory / main_file_name(size)
-    _atomic_write(main, lambda tmp: save_file(flat, str(tmp)))
+    atomic_write(main, lambda tmp: save_file(flat, str(tmp)))
     write_mapping_file(directory / MAPPING_FILES[preprocess], weights["mapping"], preprocess=preprocess)
     write_lm3d(directory / LM3D_FILE, synthetic_lm3d() if lm3d is None else lm3d)
     return SadTalkerCheckpoints.locate(directory, size=size, preprocess=preprocess)
@@ -333,7 +332,7 @@ def write_mapping_file(path: Path, state: dict[str, torch.Tensor], *, preprocess
 
     blob = {"mapping": {k: v.detach().to("cpu").contiguous() for k, v in state.items()},
             "epoch": _MAPPING_EPOCHS.get(preprocess, 0)}
-    _atomic_write(Path(path), lambda tmp: torch.save(blob, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(blob, tmp))
 
 
 def write_lm3d(path: Path, lm3d: np.ndarray) -> None:
@@ -342,7 +341,7 @@ def write_lm3d(path: Path, lm3d: np.ndarray) -> None:
     lm = np.asarray(lm3d, dtype=np.float32)
     if lm.shape != (68, 3):
         raise ValueError(f"lm3d must be 68x3, got {lm.shape}")
-    _atomic_write(Path(path), lambda tmp: savemat(tmp, {"lm": lm}))
+    atomic_write(Path(path), lambda tmp: savemat(tmp, {"lm": lm}))
 
 
 def synthetic_lm3d() -> np.ndarray:
@@ -388,21 +387,6 @@ def synthetic_lm3d() -> np.ndarray:
 
 
 # --- helpers --------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:  # write(tmp_path) fills the temp file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _first(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 

@@ -12,8 +12,6 @@ Parameter names match the ``face_3drecon.`` part of the official checkpoints.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from PIL import Image as PILImage
 from torch import nn
 
 from ...errors import CheckpointError
+from ...fsutil import atomic_write
 
 #: Slices of the 257-vector (Deep3DFaceRecon's order).
 ID_SLICE = slice(0, 80)
@@ -287,19 +286,8 @@ def write_first_coeff_mat(path: Path, coeffs: FaceCoefficients) -> None:
     """Save as upstream does (``coeff_3dmm`` 1x73, ``full_3dmm`` 1x257, single precision), atomically."""
     from scipy.io import savemat
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        savemat(tmp, {"coeff_3dmm": coeffs.coeff_3dmm, "full_3dmm": coeffs.full_3dmm})
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(Path(path), lambda tmp: savemat(tmp, {"coeff_3dmm": coeffs.coeff_3dmm,
+                                                       "full_3dmm": coeffs.full_3dmm}))
 
 
 def read_first_coeff_mat(path: Path) -> FaceCoefficients:
