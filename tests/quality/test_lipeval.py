@@ -14,7 +14,7 @@ import pytest
 
 from lipsync.pipeline import LipSyncPipeline
 
-from ..conftest import ASSETS, LIPEVAL, shared_path
+from ..conftest import LIPEVAL, shared_path
 
 FACES = ["astronaut.png", "obama.jpg"]
 ALIGNED = ["en_librivox_0870", "en_librivox_0880", "en_espeak"]
