@@ -60,22 +60,29 @@ def _run(fn):
 
 # Options shared by generate/precompute/serve, mapped 1:1 onto Settings fields.
 def _engine_options(f):
-    f = click.option("--engine", help="Engine: classic (CPU, default) or sadtalker.")(f)
-    f = click.option("--checkpoints", type=click.Path(path_type=Path),
-                     help="SadTalker checkpoint directory (sadtalker engine).")(f)
-    f = click.option("--device", help="auto, cpu or cuda[:N] (neural engines).")(f)
-    f = click.option("--cache-dir", type=click.Path(path_type=Path), help="Avatar cache directory.")(f)
+    # click lists options in reverse order of decoration: decorate bottom-up
+    for opt in reversed([
+        click.option("--engine", help="Engine: classic (CPU, default) or sadtalker."),
+        click.option("--checkpoints", type=click.Path(path_type=Path),
+                     help="SadTalker checkpoint directory (sadtalker engine)."),
+        click.option("--device", help="auto, cpu or cuda[:N] (neural engines)."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), help="Avatar cache directory."),
+    ]):
+        f = opt(f)
     return f
 
 
 def _motion_options(f):
-    f = click.option("--expression-scale", type=float, help="Brows/head motion strength (default 0.3).")(f)
-    f = click.option("--lip-scale", type=float, help="Lip motion strength (default 1.0).")(f)
-    f = click.option("--still/--no-still", default=None, help="Still mode: no head motion (default on).")(f)
-    f = click.option("--blink/--no-blink", default=None, help="Natural blinks (default on).")(f)
-    f = click.option("--size", type=int, help="Output width and height in pixels (default 512).")(f)
-    f = click.option("--fps", type=int, help="Frames per second (default 25).")(f)
-    f = click.option("--seed", type=int, help="Seed for blinks and head motion (default: from the audio).")(f)
+    for opt in reversed([
+        click.option("--expression-scale", type=float, help="Brows/head motion strength (default 0.3)."),
+        click.option("--lip-scale", type=float, help="Lip motion strength (default 1.0)."),
+        click.option("--still/--no-still", default=None, help="Still mode: no head motion (default on)."),
+        click.option("--blink/--no-blink", default=None, help="Natural blinks (default on)."),
+        click.option("--size", type=int, help="Output width and height in pixels (default 512)."),
+        click.option("--fps", type=int, help="Frames per second (default 25)."),
+        click.option("--seed", type=int, help="Seed for blinks and head motion (default: from the audio)."),
+    ]):
+        f = opt(f)
     return f
 
 
@@ -88,9 +95,9 @@ def main(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-@main.command()
+@main.command(epilog="Example: lipsync generate -a face.jpg -i speech.wav -o talk.mp4")
 @click.option("--avatar", "-a", type=click.Path(path_type=Path),
-              help="Portrait (JPEG/PNG/WebP), or the id of a cached avatar.")
+              help="Portrait (JPEG/PNG/WebP), or the id of a cached avatar (default: the bundled one).")
 @click.option("--audio", "-i", type=click.Path(path_type=Path), help="Speech (WAV, MP3, OGG, FLAC).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="MP4 to write.")
 @click.option("--sample", is_flag=True, help="Use the bundled sample portrait and speech.")
@@ -99,7 +106,7 @@ def main(verbose: bool) -> None:
 @_motion_options
 def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, cache_dir,
              expression_scale, lip_scale, still, blink, size, fps, seed) -> None:
-    """Render AVATAR speaking AUDIO into OUTPUT (an MP4)."""
+    """Render the avatar speaking the audio into an MP4 (512x512, 25 fps, H.264 + AAC)."""
     from .pipeline import LipSyncPipeline, bundled_sample
 
     if sample:
