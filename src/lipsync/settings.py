@@ -29,7 +29,11 @@ class Settings(BaseSettings):
         None, description="Where similarity_Lm3D_all.mat lives if not beside the checkpoints."
     )
     fp16: bool = Field(True, description="Half precision / autocast for the renderer on CUDA.")
-    batch_size: int = Field(8, ge=1, le=256, description="Frames per renderer batch (neural engines).")
+    batch_size: int | None = Field(
+        None, ge=1, le=256,
+        description="Frames per renderer batch (neural engines); None: what fits ~1.5 GB of activations "
+        "on CUDA (11 at 256 px fp16, 2 at 512 px), 4 on CPU.",
+    )
     sadtalker_size: Literal[256, 512] = Field(256, description="Which SadTalker checkpoint resolution to load.")
     preprocess: Literal["crop", "full"] = Field("crop", description="SadTalker output: face crop or pasted back.")
     pose_style: int = Field(0, ge=0, le=45, description="SadTalker Audio2Pose style (when still mode is off).")

@@ -74,6 +74,14 @@ def _install_stubs(root: Path) -> None:
         sys.modules["kornia"] = kornia
         sys.modules["kornia.geometry"] = geometry
     try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        # make_animation wraps its frame loop in a progress bar; a pass-through does the same work
+        tqdm_mod = types.ModuleType("tqdm")
+        tqdm_mod.tqdm = lambda iterable=None, *args, **kwargs: iterable
+        tqdm_mod.__lipsync_stub__ = True
+        sys.modules["tqdm"] = tqdm_mod
+    try:
         import skimage
     except ImportError:
         # face3d.util.preprocess imports ``skimage.transform`` at module level but align_img and

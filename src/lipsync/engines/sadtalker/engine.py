@@ -142,6 +142,19 @@ class AvatarSource:
     paste_box: tuple[float, float, float, float] | None  # the crop's square in paste_image pixels
 
 
+#: GPU memory the generator's activations may take per batch (the weights take ~0.45 GB more).
+ACTIVATION_BUDGET_BYTES = 1.5 * 2**30
+
+
+def auto_batch_size(size: int, device: torch.device | str, fp16: bool) -> int:
+    """Frames per generator batch when the user sets none: on CUDA as many as fit the activation
+    budget (11 at 256 px fp16, 2 at 512 px), on CPU 4 (bigger batches only add memory there)."""
+    if torch.device(device).type != "cuda":
+        return 4
+    per_frame = FaceRenderer.frame_bytes(size, 2 if fp16 else 4)
+    return max(1, min(32, int(ACTIVATION_BUDGET_BYTES // per_frame)))
+
+
 class SadTalkerEngine(Engine):
     """SadTalker's networks, loaded once; many requests share them (one session each)."""
 
@@ -196,9 +209,9 @@ class SadTalkerEngine(Engine):
             Path(settings.checkpoints), size=settings.sadtalker_size, preprocess=settings.preprocess,
             bfm_dir=settings.bfm_dir,
         )
-        return cls.from_checkpoints(
-            ckpt, device=device, fp16=settings.fp16, batch_size=settings.batch_size, pose_style=settings.pose_style
-        )
+        batch = settings.batch_size or auto_batch_size(ckpt.size, device, settings.fp16)
+        return cls.from_checkpoints(ckpt, device=device, fp16=settings.fp16, batch_size=batch,
+                                    pose_style=settings.pose_style)
 
     @classmethod
     def from_checkpoints(

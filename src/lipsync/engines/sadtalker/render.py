@@ -310,6 +310,11 @@ class FaceRenderer(nn.Module):
     def frame_dtype(self) -> torch.dtype:
         return self.generator.frame_dtype
 
+    @staticmethod
+    def frame_bytes(size: int, itemsize: int) -> int:
+        """Peak activation memory one frame adds to a generator batch (see estimated_frame_bytes)."""
+        return int(536 * 2**20 / 512**2 * size**2 * itemsize / 2)
+
     @property
     def estimated_frame_bytes(self) -> int:
         """Peak activation memory one frame adds to a generator batch (weights not included).
@@ -317,8 +322,7 @@ class FaceRenderer(nn.Module):
         Counted op by op on the meta device for upstream's configuration: about 536 MB per frame
         at 512 px in fp16 (134 MB at 256 px), the bulk in the last SPADE block; fp32 doubles it.
         """
-        bytes_per_pixel_fp16 = 536 * 2**20 / 512**2
-        return int(bytes_per_pixel_fp16 * self.size**2 * self.frame_dtype.itemsize / 2)
+        return self.frame_bytes(self.size, self.frame_dtype.itemsize)
 
     @property
     def coeff_count(self) -> int:
