@@ -129,7 +129,7 @@ def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, 
 
         def progress(done: int, total: int) -> None:
             nonlocal bar
-            if quiet:
+            if quiet or not sys.stderr.isatty():
                 return
             if bar is None:
                 bar = click.progressbar(length=total, label="rendering", file=sys.stderr,

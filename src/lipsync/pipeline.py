@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .avatar.cache import ID_PATTERN
 from .errors import AvatarNotFound, InvalidInput, JobTimeout
+from .fsutil import FILE_MODE
 from .settings import Settings
 from .types import AudioClip, Avatar, Frames, GenerateResult, MotionOptions, StageTimes
 
@@ -295,6 +296,7 @@ class LipSyncPipeline:
                     frames_done += len(frames)
                 with timer.stage("encode"):
                     writer.close()
+            os.chmod(tmp, FILE_MODE)  # mkstemp made it 0600; a finished video is an ordinary file
             os.replace(tmp, output)
         finally:
             tmp.unlink(missing_ok=True)
