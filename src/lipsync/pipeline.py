@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -318,23 +317,32 @@ class LipSyncPipeline:
         return self._stream(clip, av, hit, opts, timer, deadline, on_done)
 
     def _stream(self, clip, av, hit, opts, timer, deadline, on_done) -> Iterator[bytes]:
-        sink = _ByteSink()
-        frames_done = 0
-        with self._writer(sink, clip, opts, fragmented=True) as writer:
-            for frames in self.render_frames(clip, av, opts, timer=timer, deadline=deadline):
-                with timer.stage("encode"):
-                    writer.write(frames)
-                frames_done += len(frames)
-                data = sink.drain()
-                if data:
-                    yield data
-            with timer.stage("encode"):
-                writer.close()
-        tail = sink.drain()
-        if tail:
-            yield tail
+        from .video import stream_mp4
+
+        s = self.settings
+        counted = [0]
+
+        def frames() -> Iterator[Frames]:
+            for batch in self.render_frames(clip, av, opts, timer=timer, deadline=deadline):
+                counted[0] += len(batch)
+                yield batch
+
+        # background encoding: the next second renders while this one encodes; its bytes follow
+        # one batch later, which costs tens of milliseconds of first-byte time at most
+        chunks = stream_mp4(frames(), width=opts.size, height=opts.size, fps=opts.fps, audio=clip, crf=s.crf,
+                            preset=s.preset, audio_bitrate=s.audio_bitrate, background=True)
+        busy = 0.0
+        while True:
+            t0 = time.perf_counter()
+            data = next(chunks, None)
+            busy += time.perf_counter() - t0
+            if data is None:
+                break
+            yield data
+        engine = sum(timer.seconds.get(k, 0.0) for k in ("motion", "render"))
+        timer.add("encode", max(0.0, busy - engine))
         if on_done is not None:
-            on_done(GenerateResult(avatar_id=av.id, frames=frames_done, fps=opts.fps,
+            on_done(GenerateResult(avatar_id=av.id, frames=counted[0], fps=opts.fps,
                                    audio_seconds=clip.duration, output=None, times=timer.result(),
                                    avatar_cache_hit=hit))
 
@@ -343,38 +351,3 @@ def _upload_limit(source, settings: Settings) -> int | None:
     """The upload size limit applies to bytes handed in (network uploads, API callers), not to
     the operator's own files such as the configured default portrait."""
     return settings.max_upload_bytes if isinstance(source, (bytes, bytearray, memoryview)) else None
-
-
-class _ByteSink:
-    """A write-only, non-seekable file object that collects bytes until drained."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-        self._lock = threading.Lock()
-        self.closed = False
-
-    def write(self, data) -> int:
-        b = bytes(data)
-        with self._lock:
-            self._parts.append(b)
-        return len(b)
-
-    def flush(self) -> None:
-        pass
-
-    def seekable(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def drain(self) -> bytes:
-        with self._lock:
-            parts, self._parts = self._parts, []
-        return b"".join(parts)

@@ -128,3 +128,20 @@ def test_silence_keeps_the_mouth_closed(pipe):
         iod = np.linalg.norm(lm[36:42].mean(0) - lm[42:48].mean(0))
         gap = np.mean([np.linalg.norm(lm[a] - lm[b]) for a, b in ((61, 67), (62, 66), (63, 65))]) / iod
         assert gap < 0.05, f"frame {i}: lips apart ({gap:.3f}) in silence"
+
+
+def test_stream_yields_fragmented_mp4_before_the_last_chunk_renders(pipe, tmp_path):
+    import io
+
+    clip = decode_audio(shared_path("speech", "en_librivox_0870.wav"))  # 7.1 s: three chunks
+    results = []
+    stream = pipe.stream(clip, on_done=results.append)
+    first = next(stream)
+    assert not results, "the first bytes must come before the whole video is done"
+    data = first + b"".join(stream)
+    assert results and results[0].frames == clip.n_frames(25)
+    assert data[4:8] == b"ftyp" and b"moof" in data
+    with av.open(io.BytesIO(data)) as c:
+        assert c.streams.audio
+        assert sum(1 for _ in c.decode(c.streams.video[0])) == results[0].frames
+    assert results[0].times.render > 0 and results[0].times.encode >= 0
