@@ -19,7 +19,9 @@ from importlib import resources
 from pathlib import Path
 
 from .avatar.cache import ID_PATTERN
-from .errors import AvatarNotFound, InvalidInput, JobTimeout
+from pydantic import ValidationError
+
+from .errors import AvatarNotFound, ConfigError, InvalidInput, JobTimeout
 from .fsutil import FILE_MODE
 from .settings import Settings
 from .types import AudioClip, Avatar, Frames, GenerateResult, MotionOptions, StageTimes
@@ -83,10 +85,16 @@ class LipSyncPipeline:
         from .avatar import open_cache
         from .engines.base import load_engine
 
-        if settings is None:
-            settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-        elif overrides:
-            settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        values = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            if settings is None:
+                settings = Settings(**values)
+            elif values:  # validated like the environment would be
+                settings = Settings(**{**settings.model_dump(exclude_unset=True), **values})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+            raise ConfigError(f"invalid setting {where}: {first.get('msg', 'bad value')}", setting=where) from None
         engine = load_engine(settings)
         return cls(settings=settings, engine=engine, cache=open_cache(settings))
 
