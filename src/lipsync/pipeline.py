@@ -8,7 +8,6 @@ threads: the engine is shared, each request gets its own render session.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import tempfile
 import time
@@ -25,8 +24,6 @@ from .errors import AvatarNotFound, ConfigError, InvalidInput, JobTimeout
 from .fsutil import FILE_MODE
 from .settings import Settings
 from .types import AudioClip, Avatar, Frames, GenerateResult, MotionOptions, StageTimes
-
-log = logging.getLogger("lipsync")
 
 AudioSource = bytes | str | os.PathLike
 ImageSource = bytes | str | os.PathLike
@@ -122,6 +119,10 @@ class LipSyncPipeline:
         from .io.source import read_source
 
         data = read_source(image, max_bytes=_upload_limit(image, self.settings), what="image")
+        if not force:  # warm path: the content hash finds the entry, no image decode needed
+            cached = self.cache.load(hashlib.sha256(data).hexdigest())
+            if cached is not None and cached.size == AVATAR_SIZE:
+                return cached, self._prepare_for_engine(cached)
         img = load_image(data, max_pixels=self.settings.max_image_pixels)
         avatar, hit = precompute_avatar(img, cache=self.cache, detector=self.detector, size=AVATAR_SIZE,
                                         force=force, source_bytes=data)

@@ -11,7 +11,7 @@ import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, EngineUnavailable
 from ..types import AudioChunk, Avatar, Frames, MotionOptions
@@ -133,5 +133,3 @@ def engine_class(name: str) -> type[Engine]:
 def load_engine(settings: "Settings") -> Engine:
     return engine_class(settings.engine).from_settings(settings)
 
-
-ProgressCallback = Callable[[int, int], None]
