@@ -150,12 +150,20 @@ class FaceMotion:
     blink: np.ndarray  # (n,) 0..1 eyelid closure (1 = closed)
     brow: np.ndarray  # (n,) 0..1 brow raise
     head: np.ndarray  # (n, 3) yaw, pitch, roll in degrees (pitch > 0: chin down)
+    # (n,) 0..1 lower lip raised to the upper teeth (labiodental F/V); None: all zeros
+    labiodental: np.ndarray | None = None
+    # (n,) 0..1 how much of the teeth shows in the lip gap; None: all zeros
+    teeth: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        for name in ("jaw", "lip_round", "lip_close", "blink", "brow", "head"):
-            object.__setattr__(self, name, _readonly_f32(getattr(self, name)))
         n = len(self.jaw)
-        if any(len(getattr(self, k)) != n for k in ("lip_round", "lip_close", "blink", "brow", "head")):
+        for name in ("labiodental", "teeth"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.zeros(n, np.float32))
+        names = ("jaw", "lip_round", "lip_close", "blink", "brow", "head", "labiodental", "teeth")
+        for name in names:
+            object.__setattr__(self, name, _readonly_f32(getattr(self, name)))
+        if any(len(getattr(self, k)) != n for k in names[1:]):
             raise ValueError("FaceMotion arrays must all have one entry per frame")
 
     def __len__(self) -> int:
