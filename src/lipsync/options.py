@@ -13,7 +13,6 @@ import types
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
-import annotated_types
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as validated_dataclass
 from pydantic.fields import FieldInfo
@@ -111,13 +110,10 @@ def field_spec(model: type, name: str) -> FieldSpec:
     ``EncoderOptions``)."""
     info: FieldInfo = model.__pydantic_fields__[name]  # type: ignore[attr-defined]
     found: dict[str, Any] = {}
-    for m in info.metadata:
-        if isinstance(m, annotated_types.Ge):
-            found["ge"] = m.ge
-        elif isinstance(m, annotated_types.Le):
-            found["le"] = m.le
-        elif isinstance(m, annotated_types.MultipleOf):
-            found["multiple_of"] = m.multiple_of
+    for m in info.metadata:  # annotated_types.Ge / Le / MultipleOf, one attribute each
+        for key in ("ge", "le", "multiple_of"):
+            if hasattr(m, key):
+                found[key] = getattr(m, key)
     return FieldSpec(name=name, default=info.default, description=info.description or "",
                      annotation=info.annotation, **found)
 
