@@ -130,7 +130,7 @@ def test_session_renders_every_frame_once_with_whole_clip_windows(sizes):
     renderer = _RecordingRenderer()
     motion = _ScriptedMotion(total)
     engine = SimpleNamespace(renderer=renderer, enhancer=None)
-    options = MotionOptions(size=48)
+    options = MotionOptions(size=64)
     session = SadTalkerSession(engine, None, motion, options, total, None)
 
     batches = [session.render(chunk) for chunk in _chunks(sizes)]
@@ -138,7 +138,7 @@ def test_session_renders_every_frame_once_with_whole_clip_windows(sizes):
     index = 0
     for frames in batches:
         assert frames.first_index == index
-        assert frames.data.shape[1:] == (48, 48, 3)
+        assert frames.data.shape[1:] == (64, 64, 3)
         index += len(frames)
     assert index == total
     shown = np.concatenate([f.data[:, 24, 24, 0] for f in batches])
@@ -161,9 +161,9 @@ def test_session_applies_the_enhancer_hook():
         return 255 - frames
 
     engine = SimpleNamespace(renderer=renderer, enhancer=enhancer)
-    session = SadTalkerSession(engine, None, _ScriptedMotion(20), MotionOptions(size=32), 20, None)
+    session = SadTalkerSession(engine, None, _ScriptedMotion(20), MotionOptions(size=64), 20, None)
     frames = session.render(_chunks([20])[0])
-    assert seen == [(20, 32, 32, 3)]
+    assert seen == [(20, 64, 64, 3)]
     assert int(frames.data[3, 0, 0, 0]) == 255 - 3
 
 
