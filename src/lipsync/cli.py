@@ -147,7 +147,8 @@ def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, 
     if avatar is not None:
         avatar_ref = AvatarId(str(avatar)) if not Path(avatar).exists() and AvatarId.is_valid(str(avatar)) \
             else Path(avatar)
-    settings = _settings(engine=engine, checkpoints=checkpoints, device=device, cache_dir=cache_dir, **options)
+    settings = _settings(engine=engine, checkpoints=checkpoints, device=device, cache_dir=cache_dir,
+                         **options)
 
     def body():
         t0 = time.perf_counter()

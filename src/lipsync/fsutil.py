@@ -31,7 +31,9 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, durable: bool = True) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[Path], None], *, durable: bool = True
+) -> Path:
     """Let ``write(tmp)`` fill a unique temp file beside ``path``, then ``os.replace`` it into
     place, so readers see the old file or the whole new one and concurrent writers never see
     each other's halves. The temp file is removed if ``write`` raises.

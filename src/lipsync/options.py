@@ -40,7 +40,8 @@ class MotionOptions:
     """
 
     expression_scale: float = Field(0.3, ge=0.0, le=3.0, description="Brows/cheeks/head motion strength.")
-    lip_scale: float = Field(1.0, ge=0.0, le=3.0, description="Lip motion strength, independent of expression.")
+    lip_scale: float = Field(1.0, ge=0.0, le=3.0,
+                             description="Lip motion strength, independent of expression.")
     still: bool = Field(True, description="Still mode: no head motion.")
     blink: bool = Field(True, description="Natural random blinks.")
     size: int = Field(512, ge=64, le=MAX_OUTPUT_SIZE, multiple_of=2,

@@ -133,7 +133,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _FlatOptionEnv(settings_cls), dotenv_settings, file_secret_settings)
+        flat = _FlatOptionEnv(settings_cls)
+        return (init_settings, env_settings, flat, dotenv_settings, file_secret_settings)
 
 
 def settings_error(exc: ValidationError) -> ConfigError:

@@ -36,7 +36,9 @@ class AvatarId(str):
         if isinstance(value, AvatarId):
             return value
         if not isinstance(value, str) or not _AVATAR_ID.fullmatch(value):
-            raise ValueError("invalid avatar id: expected 64 lowercase hex digits (the SHA-256 of the portrait file)")
+            raise ValueError(
+                "invalid avatar id: expected 64 lowercase hex digits (the SHA-256 of the portrait file)"
+            )
         return super().__new__(cls, value)
 
     @classmethod

@@ -42,7 +42,8 @@ class StillEngine(Engine):
     def from_settings(cls, settings) -> StillEngine:
         return cls()
 
-    def start(self, avatar: Avatar, options: MotionOptions, total_frames: int, *, assets=None) -> RenderSession:
+    def start(self, avatar: Avatar, options: MotionOptions, total_frames: int, *,
+              assets=None) -> RenderSession:
         return StillSession(options.size)
 
 
@@ -88,7 +89,8 @@ def test_session_stage_times_are_declared_and_summed(pipe, tmp_path):
     clip = AudioClip(np.zeros(16_000 * 7, np.float32), 16_000)  # 7 s: three chunks of at most 3 s
     result = pipe.generate(clip, tmp_path / "o.mp4")
     chunks = 3
-    assert result.times.motion == pytest.approx(0.25 * chunks) and result.times.render == pytest.approx(0.5 * chunks)
+    assert result.times.motion == pytest.approx(0.25 * chunks)
+    assert result.times.render == pytest.approx(0.5 * chunks)
 
 
 def test_the_pipeline_binds_its_cache_into_the_engine(pipe):

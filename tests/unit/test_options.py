@@ -89,7 +89,8 @@ def test_every_option_has_its_flat_variable(clean_env):
     for model, group in ((MotionOptions, "request"), (EncoderOptions, "encoder")):
         for name in option_names(model):
             spec = field_spec(model, name)
-            value = {bool: "false", int: str(int(spec.ge or 0) + 2), float: "0.5", str: "slow"}[spec.value_type]
+            samples = {bool: "false", int: str(int(spec.ge or 0) + 2), float: "0.5", str: "slow"}
+            value = samples[spec.value_type]
             clean_env.setenv(env_var(name), value)
             got = getattr(getattr(load_settings(), group), name)
             assert str(got).lower() == value, (name, got)
@@ -146,7 +147,7 @@ def test_form_fields_carry_the_model_limits(clean_env):
     from lipsync.server.routes import FORM_OPTIONS
 
     props = _generate_form_schema()
-    assert set(FORM_OPTIONS) <= set(option_names(MotionOptions))
+    assert set(FORM_OPTIONS) == {p for p in props if p in option_names(MotionOptions)}
     for name in FORM_OPTIONS:
         spec, prop = field_spec(MotionOptions, name), props[name]
         assert prop.get("minimum") == spec.ge and prop.get("maximum") == spec.le, name
@@ -195,7 +196,8 @@ def test_cli_refuses_a_bad_variable_with_one_line_and_exit_2(clean_env, tmp_path
     r = CliRunner().invoke(cli_main, [*command, "--cache-dir", str(tmp_path)])
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines == [lines[0]] and lines[0].startswith("error: ") and f"{variable}={value}" in lines[0], r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert f"{variable}={value}" in lines[0], r.stderr
     assert "Traceback" not in r.output
 
 
@@ -209,7 +211,8 @@ def test_server_process_refuses_to_start(tmp_path, variable, value):
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and f"{variable}={value}" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert f"{variable}={value}" in lines[0], proc.stderr
 
 
 def test_create_app_refuses_bad_environment(clean_env):

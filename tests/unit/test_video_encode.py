@@ -276,7 +276,8 @@ def test_bad_encoder_options(tmp_path, option):
     with pytest.raises(ValueError):
         encoder_keys = {k: v for k, v in option.items() if k in ("crf", "preset", "audio_bitrate")}
         writer_keys = {k: v for k, v in option.items() if k not in encoder_keys}
-        Mp4Writer(tmp_path / "x.mp4", width=W, height=H, encoder=EncoderOptions(**encoder_keys), **writer_keys)
+        encoder = EncoderOptions(**encoder_keys)
+        Mp4Writer(tmp_path / "x.mp4", width=W, height=H, encoder=encoder, **writer_keys)
     assert not (tmp_path / "x.mp4").exists()
 
 
