@@ -1,7 +1,8 @@
 """``python -m lipsync.server``: serve with the settings from the environment (``LIPSYNC_*``).
 
 An invalid setting is refused before anything starts: one ``error:`` line naming the variable,
-exit status 2. A start-up failure (engine, checkpoints, default avatar) exits with status 1.
+exit status 2. A failed start-up (unknown engine, checkpoints, default avatar) stops the server
+with one ``error:`` line and exit status 1.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from . import serve
 
 def main() -> int:
     try:
-        serve(load_settings())
+        settings = load_settings()
     except ConfigError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    try:
+        serve(settings)
     except LipsyncError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
