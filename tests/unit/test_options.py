@@ -10,6 +10,7 @@ import sys
 import click
 import pytest
 from click.testing import CliRunner
+from fastapi import Query
 
 from lipsync.cli import main as cli_main
 from lipsync.errors import ConfigError, InvalidInput
@@ -21,6 +22,7 @@ from lipsync.options import (
     field_spec,
     option_names,
 )
+from lipsync.server.schemas import option_param
 from lipsync.settings import Settings, env_var, load_settings
 
 BAD_SETTINGS = [
@@ -221,3 +223,28 @@ def test_create_app_refuses_bad_environment(clean_env):
     clean_env.setenv("LIPSYNC_SIZE", "1536")
     with pytest.raises(ConfigError, match="LIPSYNC_SIZE=1536"):
         create_app()
+
+
+SizeQuery = option_param("size", Query)  # module level: annotations here are strings
+StillQuery = option_param("still", Query)
+
+
+def test_option_param_derives_query_parameters_too():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+
+    @app.get("/probe")
+    def probe(size: SizeQuery = None, still: StillQuery = None) -> dict:
+        return {"size": size, "still": still}
+
+    params = {p["name"]: p for p in app.openapi()["paths"]["/probe"]["get"]["parameters"]}
+    spec = field_spec(MotionOptions, "size")
+    schema = params["size"]["schema"]
+    limits = next((v for v in schema.get("anyOf", []) if v.get("type") == "integer"), schema)
+    assert (limits["minimum"], limits["maximum"], limits["multipleOf"]) == (spec.ge, spec.le, spec.multiple_of)
+    client = TestClient(app)
+    assert client.get("/probe", params={"size": 256, "still": "false"}).json() == {"size": 256, "still": False}
+    assert client.get("/probe", params={"size": MAX_OUTPUT_SIZE + 2}).status_code == 422
+    assert client.get("/probe").json() == {"size": None, "still": None}

@@ -29,7 +29,7 @@ from ..errors import (
     LipsyncError,
     PayloadTooLarge,
 )
-from ..options import MotionOptions, field_spec
+from ..options import MotionOptions
 from ..types import AvatarId, GenerateResult, StageTimes
 from .errors import AvatarInUse, ClientDisconnected, JobCancelled, error_responses
 from .jobs import END_OF_STREAM, CancelToken, ChunkChannel, Job
@@ -45,6 +45,7 @@ from .schemas import (
     Health,
     PrecomputeOut,
     Stats,
+    option_param,
 )
 from .stats import render_metrics
 
@@ -60,21 +61,14 @@ MP4_RESPONSE = {
 }
 
 
-def _option_form(name: str) -> Any:
-    """The optional form field for ``MotionOptions.<name>``: its limits and description come from
-    the model (``lipsync.options``), absent means the server's default (``Settings.request``)."""
-    spec = field_spec(MotionOptions, name)
-    return Annotated[spec.value_type | None, Form(description=spec.description, **spec.limits())]
-
-
 #: Per-request options a client may set in the /generate form (fps stays the server's).
 FORM_OPTIONS = ("expression_scale", "lip_scale", "still", "blink", "size", "seed")
-ExpressionScaleForm = _option_form("expression_scale")
-LipScaleForm = _option_form("lip_scale")
-StillForm = _option_form("still")
-BlinkForm = _option_form("blink")
-SizeForm = _option_form("size")
-SeedForm = _option_form("seed")
+ExpressionScaleForm = option_param("expression_scale", Form)
+LipScaleForm = option_param("lip_scale", Form)
+StillForm = option_param("still", Form)
+BlinkForm = option_param("blink", Form)
+SizeForm = option_param("size", Form)
+SeedForm = option_param("seed", Form)
 
 
 class MP4Response(Response):

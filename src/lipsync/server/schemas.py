@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
+from fastapi import Form
 from pydantic import BaseModel, Field
 
+from ..options import MotionOptions, field_spec
 from ..types import AVATAR_ID_PATTERN as _ID
 
 #: Avatar ids are SHA-256 hex digests (``types.AvatarId``); anything else (dots, slashes) is refused
 #: before it reaches the cache, so no id can name a path outside the cache directory.
 AVATAR_ID_PATTERN = f"^{_ID}$"
+
+
+def option_param(name: str, where: Callable[..., Any] = Form) -> Any:
+    """An optional request parameter for ``MotionOptions.<name>`` (``where``: FastAPI's ``Form`` or
+    ``Query``), its type, limits and description read from the model (``lipsync.options``); absent
+    means the server's default (``Settings.request``). Use as ``size: option_param("size") = None``.
+    """
+    spec = field_spec(MotionOptions, name)
+    return Annotated[spec.value_type | None, where(description=spec.description, **spec.limits())]
 
 
 class DefaultAvatarStatus(BaseModel):
