@@ -35,6 +35,7 @@ unusual (odd but valid, must work):
   two_faces.png      the portrait's head twice: a smaller copy on the left, a larger on the right
 faces:
   portrait.png       the bundled portrait (512x512 PNG, smiling with teeth)
+  portrait.jpg       the same as a JPEG (another file, so another avatar id than the default)
   tall.jpg           a 260x325 crop of the portrait around the head, enlarged 3.5x to 910x1137,
                      JPEG with EXIF: a non-square close-up with a large face (a camera photo)
 speech:
@@ -175,6 +176,14 @@ def maker(name: str) -> Callable[[Maker], Maker]:
 @maker("faces/portrait.png")
 def _portrait(m: Material) -> bytes:
     return PORTRAIT.read_bytes()
+
+
+@maker("faces/portrait.jpg")
+def _portrait_jpg(m: Material) -> bytes:
+    from PIL import Image
+
+    with Image.open(PORTRAIT) as p:
+        return image_bytes(p.convert("RGB"), "JPEG", quality=90)
 
 
 @maker("faces/tall.jpg")

@@ -6,23 +6,16 @@ import json
 import signal
 import socket
 import threading
-import time
 from urllib.parse import urlparse
 
 import httpx
 import pytest
 
 from tests.e2e.conftest import LiveServer, mp4_facts, wav_bytes
+from tests.waiting import wait_for
 
 # The test engine sleeps per chunk, so a job takes a known while without using CPU.
 SLOW_ENGINE = {"LIPSYNC_ENGINE": "fake", "LIPSYNC_FAKE_CHUNK_DELAY_S": "0.5", "LIPSYNC_CHUNK_SECONDS": "1.0"}
-
-
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def _generate_counts(server: LiveServer) -> dict:
@@ -34,7 +27,9 @@ def test_more_clients_than_workers_get_200_or_503(server_factory) -> None:
         engine="fake", env={**SLOW_ENGINE, "LIPSYNC_WORKERS": "1", "LIPSYNC_QUEUE_SIZE": "1"}
     )
     clients = 6
-    audio = wav_bytes(2.0)  # two chunks: about 1 s per job
+    # four chunks: 2 s per job, long enough that six clients let go together overlap even when a
+    # busy machine staggers their arrival
+    audio = wav_bytes(4.0)
     barrier = threading.Barrier(clients)
     responses: list[httpx.Response | BaseException] = []
     lock = threading.Lock()
@@ -66,7 +61,7 @@ def test_more_clients_than_workers_get_200_or_503(server_factory) -> None:
         assert r.json()["code"] == "busy"
         assert int(r.headers["retry-after"]) >= 1
     for r in ok:
-        assert mp4_facts(r.content).frames == 50
+        assert mp4_facts(r.content).frames == 100
 
     counts = _generate_counts(server)
     assert counts["served"] == len(ok)
@@ -79,22 +74,24 @@ def test_more_clients_than_workers_get_200_or_503(server_factory) -> None:
 
 
 def test_request_time_limit(server_factory) -> None:
-    server = server_factory(engine="fake", env={**SLOW_ENGINE, "LIPSYNC_REQUEST_TIMEOUT_S": "1.2"})
+    # The limit (3 s) is far from both sides: the long jobs sleep 10 s in the engine whatever the
+    # load, the short one 0.5 s, leaving 2.5 s for decoding and encoding on a busy machine.
+    server = server_factory(engine="fake", env={**SLOW_ENGINE, "LIPSYNC_REQUEST_TIMEOUT_S": "3"})
     with server.client() as c:
-        r = c.post("/generate", files={"audio": ("a.wav", wav_bytes(10.0))})  # ~5 s of render
+        r = c.post("/generate", files={"audio": ("a.wav", wav_bytes(20.0))})  # 10 s of render
         assert r.status_code == 504 and r.json()["code"] == "timeout"
-        _wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, timeout=10)
+        wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, what="the timed-out job stopping")
 
         # Streamed: the limit strikes after the headers went out, so the only honest signal is
         # a body that never completes (no terminating chunk), never a truncated "valid" video.
         with c.stream(
-            "POST", "/generate", files={"audio": ("a.wav", wav_bytes(10.0))}, data={"stream": "true"}
+            "POST", "/generate", files={"audio": ("a.wav", wav_bytes(20.0))}, data={"stream": "true"}
         ) as s:
             assert s.status_code == 200
             with pytest.raises(httpx.RemoteProtocolError):
                 for _ in s.iter_raw():
                     pass
-        _wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, timeout=10)
+        wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, what="the timed-out stream stopping")
 
         assert c.post("/generate", files={"audio": ("a.wav", wav_bytes(1.0))}).status_code == 200
     assert _generate_counts(server) == {"served": 1, "failed": {"timeout": 2}}
@@ -187,10 +184,17 @@ def test_graceful_shutdown_finishes_the_running_request(server_factory) -> None:
 
     t = threading.Thread(target=long_request)
     t.start()
-    _wait_for(lambda: server.stats()["queue"]["in_flight"] == 1)
+    wait_for(lambda: server.stats()["queue"]["in_flight"] == 1, what="the long job running")
     server.proc.send_signal(signal.SIGTERM)
+
+    def draining() -> bool:
+        try:
+            return httpx.get(f"{server.url}/health", timeout=30).json()["status"] == "shutting_down"
+        except httpx.TransportError:
+            return True  # the listening socket is already closed
+
+    wait_for(draining, what="the server to start shutting down")
     # New work is refused: either 503 shutting_down or the listening socket is already closed.
-    time.sleep(0.3)
     try:
         r = httpx.post(f"{server.url}/generate", files={"audio": ("a.wav", wav_bytes(0.5))}, timeout=10)
         assert r.status_code == 503 and r.json()["code"] == "shutting_down"

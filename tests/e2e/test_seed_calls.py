@@ -12,7 +12,6 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.conftest import shared_path
 from tests.e2e.conftest import LiveServer, mp4_facts
 
 
@@ -65,8 +64,8 @@ def test_precompute_with_no_body_at_all(live_server: LiveServer) -> None:
     assert httpx.get(f"{live_server.url}/health").status_code == 200
 
 
-def test_generate_multipart_audio(live_server: LiveServer) -> None:
-    wav = shared_path("speech", "en_librivox_0880.wav")
+def test_generate_multipart_audio(live_server: LiveServer, material) -> None:
+    wav = material.path("speech/speech_3s.wav")
     with live_server.client() as client:
         r = client.post("/generate", files={"audio": ("test_audio.wav", wav.read_bytes(), "audio/wav")})
     assert r.status_code == 200, r.text
@@ -79,8 +78,8 @@ def test_generate_multipart_audio(live_server: LiveServer) -> None:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_generate_with_curl_form_upload(live_server: LiveServer, tmp_path) -> None:
-    wav = shared_path("speech", "en_librivox_0880.wav")
+def test_generate_with_curl_form_upload(live_server: LiveServer, material, tmp_path) -> None:
+    wav = material.path("speech/speech_3s.wav")
     out = tmp_path / "test_output.mp4"
     done = subprocess.run(
         [

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 import struct
 import subprocess
 import sys
 import threading
-import time
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -350,10 +350,21 @@ def test_background_queue_is_bounded(tmp_path, monkeypatch):
 
     def stalled(self, batch):
         started.set()
-        release.wait(10)
+        release.wait(60)
         real(self, batch)
 
+    blocked = threading.Event()
+
+    class ProbeQueue(queue.Queue):
+        """Sets ``blocked`` when a put finds the queue full while the encoder is stalled."""
+
+        def put(self, item, block=True, timeout=None):
+            if started.is_set() and self.full():
+                blocked.set()
+            super().put(item, block, timeout)
+
     monkeypatch.setattr(encode_module._EncodeSession, "encode_batch", stalled)
+    monkeypatch.setattr(encode_module.queue, "Queue", ProbeQueue)
     writer = Mp4Writer(tmp_path / "x.mp4", width=W, height=H, background=True)
     accepted: list[int] = []
 
@@ -364,17 +375,16 @@ def test_background_queue_is_bounded(tmp_path, monkeypatch):
 
     producer = threading.Thread(target=produce)
     producer.start()
-    assert started.wait(10)
-    deadline = time.monotonic() + 10
-    while len(accepted) < 1 + encode_module.QUEUE_BATCHES and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)  # room for an unbounded writer to run ahead
+    assert started.wait(60)
+    assert isinstance(writer._worker.queue, ProbeQueue)  # the probe sits where batches queue up
+    # An unbounded writer would never find its queue full: the producer would run to the end.
+    assert blocked.wait(60), "the producer never had to wait for the stalled encoder"
     # one batch in the encoder, QUEUE_BATCHES waiting, the producer blocked on the next put
     assert producer.is_alive()
     assert len(accepted) == 1 + encode_module.QUEUE_BATCHES
     assert writer.pending_batches == encode_module.QUEUE_BATCHES
     release.set()
-    producer.join(10)
+    producer.join(60)
     writer.close()
     assert len(accepted) == 12
     assert len(decode(tmp_path / "x.mp4")["frames"]) == 60
