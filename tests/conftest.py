@@ -73,6 +73,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "allow_skip(reason): the test may skip even in CI, for the reason given (e.g. CUDA only)",
     )
+    if IN_CI:
+        # A module that cannot be collected (or skips whole, see below) fails, and the other
+        # modules still run, so one CI log shows every problem.
+        config.option.continue_on_collection_errors = True
+
+
+def _skip_reason(report) -> str:
+    text = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return text.removeprefix("Skipped: ")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -83,7 +92,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         return
     if item.get_closest_marker("allow_skip") is not None:
         return
-    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = _skip_reason(report)
     report.outcome = "failed"
     report.longrepr = f"skipped in CI (CI={os.environ.get('CI')}), which must not happen: {reason}"
 
@@ -94,7 +103,7 @@ def pytest_make_collect_report(collector: pytest.Collector):
     outcome = yield
     report = outcome.get_result()
     if IN_CI and report.skipped and isinstance(collector, pytest.Module):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = _skip_reason(report)
         report.outcome = "failed"
         report.longrepr = f"module skipped in CI (CI={os.environ.get('CI')}), which must not happen: {reason}"
 

@@ -22,7 +22,7 @@ from scipy.signal import correlate, resample_poly
 from lipsync.types import AudioClip, Frames
 from lipsync.video import AAC_SAMPLE_RATE, Mp4Writer, aac_priming_samples, encode_floor, encode_mp4
 from lipsync.video import encode as encode_module
-from tests.conftest import LIPEVAL, shared_path
+from tests.conftest import LIPEVAL, need
 
 W, H, FPS = 128, 96, 25
 
@@ -429,10 +429,11 @@ def test_encode_floor_runs_the_writer_and_cleans_up(tmp_path, monkeypatch):
 
 # --- the independent judge -----------------------------------------------------------------
 @pytest.mark.slow
-def test_lipeval_container_checks(tmp_path):
-    face = shared_path("faces", "astronaut.png")
-    speech = shared_path("speech", "en_librivox_0870.wav")
-    with wave.open(str(speech)) as w:  # 16-bit mono PCM (see ../shared/README.md)
+def test_lipeval_container_checks(tmp_path, material):
+    need(LIPEVAL, f"the judge {LIPEVAL} is absent (../shared beside the repo)")
+    face = material.path("faces/portrait.png")
+    speech = material.path("speech/speech_7s.wav")
+    with wave.open(str(speech)) as w:  # 16-bit mono PCM
         clip = AudioClip(np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768.0, w.getframerate())
     portrait = cv2.cvtColor(cv2.imread(str(face)), cv2.COLOR_BGR2RGB)
     n = clip.n_frames(FPS)
@@ -442,7 +443,7 @@ def test_lipeval_container_checks(tmp_path):
     )
     out = encode_mp4(tmp_path / "judge.mp4", batches, width=512, height=512, audio=clip)
     result = tmp_path / "judge.json"
-    subprocess.run(
+    judged = subprocess.run(
         [
             sys.executable,
             str(LIPEVAL),
@@ -461,3 +462,6 @@ def test_lipeval_container_checks(tmp_path):
     checks = json.loads(result.read_text())["checks"]
     for name in ("faststart", "h264", "fps25", "size", "has_audio", "duration", "muxed_audio_matches"):
         assert checks[name], (name, checks)
+    # The container is right but the face never speaks: the judge must fail it.
+    assert not checks["mouth_moves"], checks
+    assert judged.returncode != 0, judged.stdout[-2000:]
