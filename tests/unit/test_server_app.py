@@ -375,8 +375,10 @@ def test_full_queue_answers_503_with_retry_after_at_once(make_client) -> None:
 
 
 def test_request_time_limit_gives_504_and_frees_the_worker(make_client) -> None:
-    client, pipe = make_client(request_timeout_s=0.3)
-    pipe.chunk_delay_s = 0.2
+    # 3 chunks x 1 s of sleep can never fit in the 1.5 s limit; the last request (no sleep, a few
+    # ms of work) keeps 1.5 s of room for a busy machine.
+    client, pipe = make_client(request_timeout_s=1.5)
+    pipe.chunk_delay_s = 1.0
     r = client.post("/generate", files={"audio": ("a.wav", wav_bytes(3.0))})
     assert r.status_code == 504 and r.json()["code"] == "timeout"
     pipe.chunk_delay_s = 0.0
