@@ -3,7 +3,10 @@
 It "renders" the avatar crop with the mouth region darkened in proportion to the chunk's
 loudness: cheap, deterministic, and real frames for the real encoder. ``LIPSYNC_FAKE_CHUNK_DELAY_S``
 (environment, because the server runs in its own process) adds a sleep per chunk, so tests can
-make jobs slow enough to fill the queue or to be interrupted.
+make jobs slow enough to fill the queue or to be interrupted. ``LIPSYNC_FAKE_HOLD`` names a file:
+while it exists, chunks from ``LIPSYNC_FAKE_HOLD_FROM_CHUNK`` (default 0) on wait, so a test holds
+jobs at a known point (create the file once the server is ready: the warm-up renders too) and
+lets them go by deleting it when it has checked what it wanted (an event, not a clock).
 """
 
 from __future__ import annotations
@@ -20,6 +23,19 @@ from lipsync.settings import Settings
 from lipsync.types import AudioChunk, Avatar, Frames, MotionOptions
 
 DELAY_ENV = "LIPSYNC_FAKE_CHUNK_DELAY_S"
+HOLD_ENV = "LIPSYNC_FAKE_HOLD"
+HOLD_FROM_ENV = "LIPSYNC_FAKE_HOLD_FROM_CHUNK"
+#: A hold nobody releases lets the job go after this long (the test has failed by then anyway).
+HOLD_LIMIT_S = 300.0
+
+
+def _wait_while_held(chunk: AudioChunk) -> None:
+    hold = os.environ.get(HOLD_ENV)
+    if not hold or chunk.index < int(os.environ.get(HOLD_FROM_ENV, "0") or 0):
+        return
+    end = time.monotonic() + HOLD_LIMIT_S
+    while Path(hold).exists() and time.monotonic() < end:
+        time.sleep(0.02)
 
 
 class FakeSession(RenderSession):
@@ -35,6 +51,7 @@ class FakeSession(RenderSession):
         self.mouth = (slice(int(s * 0.62), int(s * 0.75)), slice(int(s * 0.38), int(s * 0.62)))
 
     def render(self, chunk: AudioChunk) -> Frames:
+        _wait_while_held(chunk)
         if self.delay_s:
             time.sleep(self.delay_s)
         own = chunk.own

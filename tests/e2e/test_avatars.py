@@ -10,7 +10,6 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.conftest import shared_path
 from tests.e2e.conftest import LiveServer, wav_bytes
 
 TRAVERSALS = [
@@ -39,14 +38,14 @@ def _raw(server: LiveServer, method: str, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def test_avatar_lifecycle(live_server: LiveServer) -> None:
-    face = shared_path("faces", "obama.jpg").read_bytes()
+def test_avatar_lifecycle(live_server: LiveServer, material) -> None:
+    face = material.bytes("faces/tall.jpg")
     expected_id = hashlib.sha256(face).hexdigest()
     with live_server.client() as client:
-        created = client.post("/avatars", files={"image": ("obama.jpg", face, "image/jpeg")})
+        created = client.post("/avatars", files={"image": ("tall.jpg", face, "image/jpeg")})
         assert created.status_code in (200, 201), created.text
         assert created.json()["id"] == expected_id
-        again = client.post("/avatars", files={"image": ("obama.jpg", face)})
+        again = client.post("/avatars", files={"image": ("tall.jpg", face)})
         assert again.status_code == 200 and again.json()["cache_hit"] is True
 
         listed = client.get("/avatars").json()
@@ -72,8 +71,8 @@ def test_avatar_lifecycle(live_server: LiveServer) -> None:
         assert expected_id not in [a["id"] for a in client.get("/avatars").json()["avatars"]]
 
 
-def test_generate_with_an_image_upload(live_server: LiveServer) -> None:
-    face = shared_path("faces", "astronaut.png").read_bytes()
+def test_generate_with_an_image_upload(live_server: LiveServer, material) -> None:
+    face = material.bytes("faces/portrait.png")
     with live_server.client() as client:
         r = client.post("/generate", files={"audio": ("a.wav", wav_bytes(1.0)), "image": ("a.png", face)})
     assert r.status_code == 200, r.text

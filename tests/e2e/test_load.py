@@ -6,35 +6,31 @@ import json
 import signal
 import socket
 import threading
-import time
 from urllib.parse import urlparse
 
 import httpx
 import pytest
 
 from tests.e2e.conftest import LiveServer, mp4_facts, wav_bytes
+from tests.waiting import wait_for
 
 # The test engine sleeps per chunk, so a job takes a known while without using CPU.
 SLOW_ENGINE = {"LIPSYNC_ENGINE": "fake", "LIPSYNC_FAKE_CHUNK_DELAY_S": "0.5", "LIPSYNC_CHUNK_SECONDS": "1.0"}
-
-
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def _generate_counts(server: LiveServer) -> dict:
     return server.stats()["requests"]["by_endpoint"].get("POST /generate", {"served": 0, "failed": {}})
 
 
-def test_more_clients_than_workers_get_200_or_503(server_factory) -> None:
+def test_more_clients_than_workers_get_200_or_503(server_factory, tmp_path) -> None:
+    hold = tmp_path / "hold"  # while it exists, every render waits
     server = server_factory(
-        engine="fake", env={**SLOW_ENGINE, "LIPSYNC_WORKERS": "1", "LIPSYNC_QUEUE_SIZE": "1"}
+        engine="fake",
+        env={**SLOW_ENGINE, "LIPSYNC_WORKERS": "1", "LIPSYNC_QUEUE_SIZE": "1", "LIPSYNC_FAKE_HOLD": str(hold)},
     )
+    hold.touch()  # the server is ready: its warm-up render is done
     clients = 6
-    audio = wav_bytes(2.0)  # two chunks: about 1 s per job
+    audio = wav_bytes(2.0)
     barrier = threading.Barrier(clients)
     responses: list[httpx.Response | BaseException] = []
     lock = threading.Lock()
@@ -52,6 +48,13 @@ def test_more_clients_than_workers_get_200_or_503(server_factory) -> None:
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
+    # The first job holds the only worker and the second fills the one queue slot:
+    # the other four are answered at once, however the machine staggers their arrival.
+    wait_for(lambda: len(responses) == clients - 2, what="four answers while two jobs are held")
+    with lock:
+        early = list(responses)
+    assert all(isinstance(r, httpx.Response) and r.status_code == 503 for r in early), early
+    hold.unlink()
     for t in threads:
         t.join(120)
     assert len(responses) == clients, "a request got lost"
@@ -60,8 +63,7 @@ def test_more_clients_than_workers_get_200_or_503(server_factory) -> None:
     assert set(statuses) <= {200, 503}, statuses
     ok = [r for r in responses if r.status_code == 200]  # type: ignore[union-attr]
     busy = [r for r in responses if r.status_code == 503]  # type: ignore[union-attr]
-    assert len(ok) >= 2, "the running job and the queued one must both be served"
-    assert busy, "six simultaneous clients cannot all fit in one worker plus one queue slot"
+    assert (len(ok), len(busy)) == (2, 4), "one running, one queued, four refused"
     for r in busy:
         assert r.json()["code"] == "busy"
         assert int(r.headers["retry-after"]) >= 1
@@ -79,22 +81,24 @@ def test_more_clients_than_workers_get_200_or_503(server_factory) -> None:
 
 
 def test_request_time_limit(server_factory) -> None:
-    server = server_factory(engine="fake", env={**SLOW_ENGINE, "LIPSYNC_REQUEST_TIMEOUT_S": "1.2"})
+    # The limit (3 s) is far from both sides: the long jobs sleep 10 s in the engine whatever the
+    # load, the short one 0.5 s, leaving 2.5 s for decoding and encoding on a busy machine.
+    server = server_factory(engine="fake", env={**SLOW_ENGINE, "LIPSYNC_REQUEST_TIMEOUT_S": "3"})
     with server.client() as c:
-        r = c.post("/generate", files={"audio": ("a.wav", wav_bytes(10.0))})  # ~5 s of render
+        r = c.post("/generate", files={"audio": ("a.wav", wav_bytes(20.0))})  # 10 s of render
         assert r.status_code == 504 and r.json()["code"] == "timeout"
-        _wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, timeout=10)
+        wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, what="the timed-out job stopping")
 
         # Streamed: the limit strikes after the headers went out, so the only honest signal is
         # a body that never completes (no terminating chunk), never a truncated "valid" video.
         with c.stream(
-            "POST", "/generate", files={"audio": ("a.wav", wav_bytes(10.0))}, data={"stream": "true"}
+            "POST", "/generate", files={"audio": ("a.wav", wav_bytes(20.0))}, data={"stream": "true"}
         ) as s:
             assert s.status_code == 200
             with pytest.raises(httpx.RemoteProtocolError):
                 for _ in s.iter_raw():
                     pass
-        _wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, timeout=10)
+        wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, what="the timed-out stream stopping")
 
         assert c.post("/generate", files={"audio": ("a.wav", wav_bytes(1.0))}).status_code == 200
     assert _generate_counts(server) == {"served": 1, "failed": {"timeout": 2}}
@@ -187,10 +191,17 @@ def test_graceful_shutdown_finishes_the_running_request(server_factory) -> None:
 
     t = threading.Thread(target=long_request)
     t.start()
-    _wait_for(lambda: server.stats()["queue"]["in_flight"] == 1)
+    wait_for(lambda: server.stats()["queue"]["in_flight"] == 1, what="the long job running")
     server.proc.send_signal(signal.SIGTERM)
+
+    def draining() -> bool:
+        try:
+            return httpx.get(f"{server.url}/health", timeout=30).json()["status"] == "shutting_down"
+        except httpx.TransportError:
+            return True  # the listening socket is already closed
+
+    wait_for(draining, what="the server to start shutting down")
     # New work is refused: either 503 shutting_down or the listening socket is already closed.
-    time.sleep(0.3)
     try:
         r = httpx.post(f"{server.url}/generate", files={"audio": ("a.wav", wav_bytes(0.5))}, timeout=10)
         assert r.status_code == 503 and r.json()["code"] == "shutting_down"
@@ -208,7 +219,7 @@ def test_graceful_shutdown_finishes_the_running_request(server_factory) -> None:
 
 def test_failed_startup_exits_with_a_one_line_error(server_factory) -> None:
     server = server_factory(engine="no-such-engine", wait_ready=False)
-    assert server.proc.wait(120) == 1
+    assert server.proc.wait(120) == 2  # a configuration error (README: exit status 2)
     log = server.log()
     assert "error: unknown engine 'no-such-engine'" in log
     assert "Traceback" not in log

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import need
 from tests.e2e.conftest import LiveServer
 
 MAX_EXAMPLES = 25
@@ -20,8 +21,7 @@ def _schemathesis() -> list[str]:
     if exe.exists():
         return [str(exe)]
     found = shutil.which("schemathesis")
-    if found is None:
-        pytest.skip("schemathesis is not installed (pip install 'lipsync-server[test]')")
+    need(found, "schemathesis is not installed (pip install 'lipsync-server[test]')")
     return [found]
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-import pytest
 
-from tests.conftest import shared_path
+from tests.conftest import need
 from tests.e2e.conftest import LiveServer, mp4_facts
 
 
@@ -65,8 +64,8 @@ def test_precompute_with_no_body_at_all(live_server: LiveServer) -> None:
     assert httpx.get(f"{live_server.url}/health").status_code == 200
 
 
-def test_generate_multipart_audio(live_server: LiveServer) -> None:
-    wav = shared_path("speech", "en_librivox_0880.wav")
+def test_generate_multipart_audio(live_server: LiveServer, material) -> None:
+    wav = material.path("speech/speech_3s.wav")
     with live_server.client() as client:
         r = client.post("/generate", files={"audio": ("test_audio.wav", wav.read_bytes(), "audio/wav")})
     assert r.status_code == 200, r.text
@@ -78,9 +77,9 @@ def test_generate_multipart_audio(live_server: LiveServer) -> None:
     assert abs(float(r.headers["x-audio-seconds"]) - 3.0) < 0.1
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_generate_with_curl_form_upload(live_server: LiveServer, tmp_path) -> None:
-    wav = shared_path("speech", "en_librivox_0880.wav")
+def test_generate_with_curl_form_upload(live_server: LiveServer, material, tmp_path) -> None:
+    need(shutil.which("curl"), "curl is not installed (.ci/run installs it)")
+    wav = material.path("speech/speech_3s.wav")
     out = tmp_path / "test_output.mp4"
     done = subprocess.run(
         [
@@ -108,7 +107,6 @@ def test_generate_with_curl_form_upload(live_server: LiveServer, tmp_path) -> No
 
 def test_classic_server_never_loads_torch(live_server: LiveServer) -> None:
     maps = Path(f"/proc/{live_server.proc.pid}/maps")
-    if not maps.exists():
-        pytest.skip("needs Linux /proc to see the server's loaded libraries")
+    need(maps, "needs Linux /proc to see the server's loaded libraries")
     assert httpx.get(f"{live_server.url}/health").status_code == 200
     assert "libtorch" not in maps.read_text()

@@ -8,21 +8,14 @@ from urllib.parse import urlparse
 
 import httpx
 
-from tests.conftest import shared_path
 from tests.e2e.conftest import LiveServer, mp4_facts, wav_bytes
+from tests.waiting import wait_for
 
 SLOW = {"LIPSYNC_ENGINE": "fake", "LIPSYNC_FAKE_CHUNK_DELAY_S": "0.5", "LIPSYNC_CHUNK_SECONDS": "1.0"}
 
 
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
-
-
-def test_stream_decodes_to_every_frame(live_server: LiveServer) -> None:
-    wav = shared_path("speech", "en_librivox_0870.wav")
+def test_stream_decodes_to_every_frame(live_server: LiveServer, material) -> None:
+    wav = material.path("speech/speech_7s.wav")
     arrivals: list[float] = []
     parts: list[bytes] = []
     with live_server.client() as client:
@@ -44,28 +37,29 @@ def test_stream_decodes_to_every_frame(live_server: LiveServer) -> None:
     assert len(arrivals) > 1 and arrivals[0] < arrivals[-1]
 
 
-def test_first_bytes_arrive_while_later_chunks_still_render(server_factory) -> None:
-    server = server_factory(engine="fake", env=SLOW)
-    audio = wav_bytes(4.0)  # four 1 s chunks, each taking 0.5 s to "render"
+def test_first_bytes_arrive_while_later_chunks_still_render(server_factory, tmp_path) -> None:
+    hold = tmp_path / "hold"  # while it exists, the last chunk (index 3) waits
+    server = server_factory(engine="fake", env={**SLOW, "LIPSYNC_FAKE_HOLD": str(hold),
+                                                 "LIPSYNC_FAKE_HOLD_FROM_CHUNK": "3"})
+    audio = wav_bytes(4.0)  # four 1 s chunks
     videos_before = server.stats()["generated"]["videos"]
+    hold.touch()
     with server.client() as client:
-        t0 = time.monotonic()
         with client.stream(
             "POST", "/generate", files={"audio": ("a.wav", audio)}, params={"stream": "true"}
         ) as r:
             assert r.status_code == 200
             chunks = r.iter_raw()
+            # The last chunk cannot render while held, so these bytes were sent while the job was
+            # still running (a server that buffered the whole video would never send them).
             first = next(chunks)
-            t_first = time.monotonic() - t0
-            # Structural proof, not a stopwatch: the job is still running when bytes arrive.
             stats = server.stats()
             assert stats["queue"]["in_flight"] == 1
             assert stats["generated"]["videos"] == videos_before
+            hold.unlink()
             rest = b"".join(chunks)
-            t_last = time.monotonic() - t0
-    assert t_first < t_last
     assert mp4_facts(first + rest).frames == 100
-    _wait_for(lambda: server.stats()["generated"]["videos"] == videos_before + 1)
+    wait_for(lambda: server.stats()["generated"]["videos"] == videos_before + 1)
 
 
 def _send_and_hang_up(server: LiveServer, path: str, audio: bytes, *, wait_for_bytes: bool) -> None:
@@ -88,7 +82,7 @@ def _send_and_hang_up(server: LiveServer, path: str, audio: bytes, *, wait_for_b
         sock.sendall(head.encode() + body)
         if wait_for_bytes:
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        _wait_for(lambda: server.stats()["queue"]["in_flight"] == 1)
+        wait_for(lambda: server.stats()["queue"]["in_flight"] == 1)
 
 
 def test_client_disconnect_stops_the_render(server_factory) -> None:
@@ -96,10 +90,10 @@ def test_client_disconnect_stops_the_render(server_factory) -> None:
     audio = wav_bytes(60.0)  # 60 chunks x 0.5 s = 30 s of render if nobody stopped it
     # Streamed: the client hangs up after the first fragment.
     _send_and_hang_up(server, "/generate?stream=true", audio, wait_for_bytes=True)
-    _wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, timeout=15)
+    wait_for(lambda: server.stats()["queue"]["in_flight"] == 0)
     # Not streamed: the client gives up while the job runs.
     _send_and_hang_up(server, "/generate", audio, wait_for_bytes=False)
-    _wait_for(lambda: server.stats()["queue"]["in_flight"] == 0, timeout=15)
+    wait_for(lambda: server.stats()["queue"]["in_flight"] == 0)
     stats = server.stats()
     assert stats["requests"]["by_endpoint"]["POST /generate"]["failed"] == {"client_disconnected": 2}
     assert stats["generated"]["videos"] == 0

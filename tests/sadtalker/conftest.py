@@ -2,7 +2,8 @@
 
 ``random_checkpoints`` builds the random-weight checkpoint directory once per test session
 (about 0.8 GB: the real 256 set's size) and deletes it when the session ends. Tests that need it
-skip, with the reason, when torch or the upstream reference package is unavailable.
+skip with the reason when torch or the upstream reference package is unavailable, and fail with
+it in CI (tests.conftest.need).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import need, need_module
 
 
 @dataclass(frozen=True)
@@ -24,18 +27,18 @@ class RandomCheckpoints:
 
 
 def require_torch():
-    return pytest.importorskip("torch", reason="torch is not installed (the sadtalker extra)")
+    return need_module("torch", "torch is not installed (the sadtalker extra)")
 
 
 def require_upstream():
-    """Import the upstream reference helpers, or skip when the wheel cannot be fetched."""
+    """The upstream reference sources unpacked from the pinned wheel (see upstream.py)."""
     require_torch()
     from tests.sadtalker.upstream import UpstreamUnavailable, upstream_root
 
     try:
         upstream_root()
     except (UpstreamUnavailable, OSError) as e:
-        pytest.skip(f"upstream SadTalker reference unavailable: {e}")
+        need(False, f"upstream SadTalker reference unavailable: {e}")
 
 
 @pytest.fixture(scope="session")

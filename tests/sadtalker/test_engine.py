@@ -18,7 +18,7 @@ import pytest
 
 from lipsync.errors import CheckpointError, ConfigError
 from lipsync.types import AudioChunk, MotionOptions
-from tests.conftest import REPO, shared_path
+from tests.conftest import REPO
 from tests.sadtalker.conftest import require_torch
 
 torch = require_torch()
@@ -176,11 +176,11 @@ def engine(random_checkpoints) -> SadTalkerEngine:
 
 
 @pytest.fixture(scope="module")
-def avatar(tmp_path_factory):
+def avatar(tmp_path_factory, material):
     from lipsync.avatar import PRECOMPUTE_VERSION, AvatarCache, precompute_avatar
     from lipsync.io import load_image
 
-    path = shared_path("faces", "astronaut.png")
+    path = material.path("faces/portrait.png")
     cache = AvatarCache(tmp_path_factory.mktemp("avatars"), PRECOMPUTE_VERSION)
     avatar, _ = precompute_avatar(load_image(path), cache=cache, source_bytes=path.read_bytes())
     return SimpleNamespace(avatar=avatar, cache=cache)
@@ -301,7 +301,7 @@ def test_engine_frame_matches_upstream_make_animation(engine, avatar, random_che
 
 
 @pytest.mark.slow
-def test_full_output_pastes_the_face_into_the_letterboxed_portrait(random_checkpoints, tmp_path):
+def test_full_output_pastes_the_face_into_the_letterboxed_portrait(random_checkpoints, material, tmp_path):
     """'full' (73-coefficient mapping net): one frame pasted back into the whole portrait."""
     from lipsync.avatar import PRECOMPUTE_VERSION, AvatarCache, precompute_avatar
     from lipsync.engines.sadtalker.checkpoints import SadTalkerCheckpoints
@@ -313,7 +313,7 @@ def test_full_output_pastes_the_face_into_the_letterboxed_portrait(random_checkp
     assert full.describe()["preprocess"] == "full" and full.renderer.coeff_count == 73
     assert "-256-full-" in full.precompute_version  # cached precompute is per size and output mode
 
-    path = shared_path("faces", "obama.jpg")  # 910x1137: letterboxed into the square frame
+    path = material.path("faces/tall.jpg")  # 910x1137: letterboxed into the square frame
     cache = AvatarCache(tmp_path / "avatars", PRECOMPUTE_VERSION)
     portrait = load_image(path)
     avatar, _ = precompute_avatar(portrait, cache=cache, source_bytes=path.read_bytes())
@@ -355,15 +355,16 @@ def _write_wav(path: Path, samples: np.ndarray, sr: int = 16_000) -> None:
 
 
 @pytest.mark.slow
-def test_cli_generate_with_sadtalker_engine(random_checkpoints, tmp_path):
+def test_cli_generate_with_sadtalker_engine(random_checkpoints, material, tmp_path):
     """``lipsync generate --engine sadtalker`` writes a valid MP4 (pictures are noise: random weights).
 
     0.4 s of speech in 0.24 s chunks keeps the CPU time down (10 generator passes) while still
     crossing chunk borders, where frames are held back for the mapping window.
     """
-    av = pytest.importorskip("av")
-    portrait = shared_path("faces", "astronaut.png")
-    speech = shared_path("speech", "en_librivox_0880.wav")
+    import av
+
+    portrait = material.path("faces/portrait.png")
+    speech = material.path("speech/speech_3s.wav")
     with wave.open(str(speech), "rb") as w:
         sr = w.getframerate()
         pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from lipsync.engines.sadtalker import audio as A
-from tests.conftest import shared_path
+from tests.conftest import need_module
 from tests.sadtalker.chunking import FPS, SR, chunks, speechlike, total_frames
 
 TOL = 1e-4
@@ -27,7 +27,7 @@ TOL = 1e-4
 
 def _upstream_audio(monkeypatch):
     """Upstream's utils.audio with librosa 0.9.2's STFT padding (reflect)."""
-    librosa = pytest.importorskip("librosa", reason="librosa (the spectrogram reference) is not installed")
+    librosa = need_module("librosa", "librosa (the spectrogram reference) is not installed")
     from tests.sadtalker.conftest import require_upstream
 
     require_upstream()
@@ -61,7 +61,7 @@ def _read_wav(path) -> np.ndarray:
 
 # --- mel spectrogram -------------------------------------------------------------------------
 def test_mel_filterbank_matches_librosa():
-    librosa = pytest.importorskip("librosa", reason="librosa (the filterbank reference) is not installed")
+    librosa = need_module("librosa", "librosa (the filterbank reference) is not installed")
     ref = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600)
     ours = A.mel_filterbank()
     assert ours.shape == ref.shape == (80, 401)
@@ -100,8 +100,8 @@ def test_mel_spectrogram_matches_upstream(monkeypatch):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
 
 
-def test_mel_spectrogram_matches_upstream_on_real_speech(monkeypatch):
-    path = shared_path("speech", "en_librivox_0880.wav")
+def test_mel_spectrogram_matches_upstream_on_speech(monkeypatch, material):
+    path = material.path("speech/speech_3s.wav")  # the first 3 s of the bundled speech
     ua = _upstream_audio(monkeypatch)
     wav = _read_wav(path)
     np.testing.assert_allclose(A.mel_spectrogram(wav), ua.melspectrogram(wav).T, rtol=0, atol=TOL)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import shared_path
+from tests.material import PORTRAIT
 from tests.sadtalker.conftest import require_torch, require_upstream
 
 torch = require_torch()
@@ -137,8 +137,9 @@ def test_reconnet_output_matches_upstream(nets):
 
 
 def _dlib_landmarks(rgb: np.ndarray) -> np.ndarray:
-    dlib = pytest.importorskip("dlib")
-    models = pytest.importorskip("face_recognition_models")
+    import dlib  # the product's own landmark stack (dlib-bin, face_recognition_models)
+    import face_recognition_models as models
+
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(models.pose_predictor_model_location())
     boxes = detector(rgb, 1)
@@ -153,7 +154,7 @@ def test_extract_coefficients_matches_upstream_steps_on_a_portrait(nets, upstrea
     from PIL import Image
 
     ours, theirs, ckpt = nets
-    portrait = Image.open(shared_path("faces", "astronaut.png")).convert("RGB").resize((256, 256))
+    portrait = Image.open(PORTRAIT).convert("RGB").resize((256, 256))  # the bundled portrait
     rgb = np.asarray(portrait)
     lm = _dlib_landmarks(rgb)
     lm3d5 = face3d.load_lm3d(ckpt.lm3d)

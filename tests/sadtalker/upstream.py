@@ -1,57 +1,91 @@
 """Import the network modules of upstream SadTalker (PyPI ``sadtalker-z==0.1.6``) for parity tests.
 
-The wheel is fetched with ``pip download --no-deps`` into a cache folder (never a runtime
-dependency, never committed). Its package ``__init__`` pulls in the whole app (gradio, kornia,
-face-alignment...), so we register an empty ``sadtalker`` package whose ``__path__`` points at
-the unpacked sources and stub the single unused ``kornia.geometry.warp_affine`` import (and, when
-scikit-image is absent, the unused ``skimage.transform`` import of ``face3d.util.preprocess``);
-after that the network modules need only torch, numpy, scipy, PIL and cv2.
+The wheel is pinned by version and SHA-256 in ``upstream-requirements.txt`` beside this file and
+fetched once into the test cache (``$LIPSYNC_TEST_CACHE``, default ``~/.cache/lipsync-tests``) by
+``.ci/run``, which runs ``python -m tests.sadtalker.upstream``. It is never a runtime dependency
+and never committed. In CI the tests only read the cache (a missing or altered wheel fails them);
+on a developer's machine a missing wheel is fetched the same way on first use.
+
+Its package ``__init__`` pulls in the whole app (gradio, kornia, face-alignment...), so we register
+an empty ``sadtalker`` package whose ``__path__`` points at the unpacked sources and stub the
+single unused ``kornia.geometry.warp_affine`` import (and, when scikit-image is absent, the unused
+``skimage.transform`` import of ``face3d.util.preprocess``); after that the network modules need
+only torch, numpy, scipy, PIL and cv2.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
+import re
+import shutil
 import subprocess
 import sys
 import types
 import zipfile
 from pathlib import Path
 
-WHEEL_SPEC = "sadtalker-z==0.1.6"
-_CACHE = Path(os.environ.get("LIPSYNC_TEST_CACHE", Path.home() / ".cache" / "lipsync-tests"))
+REQUIREMENTS = Path(__file__).with_name("upstream-requirements.txt")
+CACHE = Path(os.environ.get("LIPSYNC_TEST_CACHE", Path.home() / ".cache" / "lipsync-tests"))
+WHEELS = CACHE / "wheels"
+
+
+def _pin() -> tuple[str, str, str]:
+    """(name, version, sha256) of the one pinned requirement."""
+    for line in REQUIREMENTS.read_text().splitlines():
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)==([^\s]+)\s+--hash=sha256:([0-9a-f]{64})\s*", line)
+        if m:
+            return m.group(1), m.group(2), m.group(3)
+    raise RuntimeError(f"no pinned requirement with a sha256 hash in {REQUIREMENTS}")
+
+
+NAME, VERSION, SHA256 = _pin()
+WHEEL = WHEELS / f"{NAME.replace('-', '_')}-{VERSION}-py3-none-any.whl"
 
 
 class UpstreamUnavailable(RuntimeError):
     pass
 
 
-def upstream_root() -> Path:
-    """Directory that holds the unpacked ``sadtalker`` package (downloaded once)."""
-    dest = _CACHE / "sadtalker-z-0.1.6"
-    pkg = dest / "sadtalker"
-    if (pkg / "facerender" / "modules" / "generator.py").exists():
-        return dest
-    wheels = _CACHE / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob("sadtalker_z-0.1.6-*.whl"))
-    if not found:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), WHEEL_SPEC],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        found = sorted(wheels.glob("sadtalker_z-0.1.6-*.whl"))
-        if proc.returncode != 0 or not found:
-            raise UpstreamUnavailable(f"pip download {WHEEL_SPEC} failed: {proc.stderr.strip()[-500:]}")
-    tmp = dest.with_name(dest.name + ".tmp")
-    with zipfile.ZipFile(found[0]) as zf:
-        zf.extractall(tmp)
-    if dest.exists():
-        import shutil
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
-        shutil.rmtree(dest)
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fetch() -> Path:
+    """Download the pinned wheel into the cache (pip checks the hash); the wheel's path."""
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--quiet",
+         "-r", str(REQUIREMENTS), "-d", str(WHEELS)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    if proc.returncode != 0 or not WHEEL.exists():
+        raise UpstreamUnavailable(f"pip download of {NAME}=={VERSION} failed: {proc.stderr.strip()[-500:]}")
+    return WHEEL
+
+
+def upstream_root() -> Path:
+    """Directory that holds the unpacked ``sadtalker`` package, checked against the pinned hash."""
+    dest = CACHE / f"{NAME}-{VERSION}-{SHA256[:12]}"
+    if (dest / "sadtalker" / "facerender" / "modules" / "generator.py").exists():
+        return dest
+    if not WHEEL.exists():
+        if _in_ci():
+            raise UpstreamUnavailable(
+                f"{WHEEL} is absent: .ci/run fetches it before the tests (python -m tests.sadtalker.upstream)")
+        fetch()
+    digest = _sha256(WHEEL)
+    if digest != SHA256:
+        raise UpstreamUnavailable(f"{WHEEL} has sha256 {digest}, not the pinned {SHA256}")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(WHEEL) as zf:
+        zf.extractall(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest
 
@@ -110,3 +144,9 @@ def upstream_module(name: str):
     finally:
         if shimmed:
             del np.VisibleDeprecationWarning
+
+
+if __name__ == "__main__":  # .ci/run: python -m tests.sadtalker.upstream
+    path = WHEEL if WHEEL.exists() and _sha256(WHEEL) == SHA256 else fetch()
+    print(f"{path} sha256 {_sha256(path)} (pinned {SHA256})")
+    sys.exit(0 if _sha256(path) == SHA256 else 1)

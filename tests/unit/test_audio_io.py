@@ -24,6 +24,7 @@ from lipsync.errors import (
 from lipsync.io import audio as audio_mod
 from lipsync.io import decode_audio, frame_to_sample, iter_chunks
 from lipsync.types import AudioClip
+from tests.material import REENCODED_SPEECH
 
 SR = 16000
 PCM, FLOAT, ALAW, EXTENSIBLE = 0x0001, 0x0003, 0x0006, 0xFFFE
@@ -475,7 +476,7 @@ def test_ffmpeg_logs_stay_off_the_terminal(capfd):
     assert out == "" and err == ""
 
 
-# --- shared test material ----------------------------------------------------------------------------------
+# --- the bad and unusual files of tests/material.py --------------------------------------------------------
 BAD_AUDIO = {
     "bad.wav": CorruptMedia,
     "null.wav": EmptyAudio,
@@ -489,24 +490,23 @@ BAD_AUDIO = {
 
 
 @pytest.mark.parametrize("name", sorted(BAD_AUDIO))
-def test_shared_bad_audio_is_refused(shared, name):
-    err = assert_refused(BAD_AUDIO[name], shared("bad", name))
+def test_bad_audio_files_are_refused(material, name):
+    err = assert_refused(BAD_AUDIO[name], material.path(f"bad/{name}"))
     assert len(err.message) < 200
 
 
-def test_shared_huge_header_is_accepted_as_its_real_second(shared):
+def test_huge_header_is_accepted_as_its_real_second(material):
     # It claims ~2 GB of audio: a streaming writer's placeholder; the file holds 1 s.
-    clip = decode_audio(shared("bad", "huge_header.wav"))
+    clip = decode_audio(material.path("bad/huge_header.wav"))
     assert clip.duration == pytest.approx(1.0, abs=1e-3)
     assert rms(clip.samples) > 0.01
 
 
-@pytest.mark.parametrize(
-    "name", ["speech.mp3", "speech.ogg", "speech.flac", "mp3_named.wav", "stereo48k_float.wav", "u8_8k.wav"]
-)
-def test_shared_unusual_audio_matches_the_reference_speech(shared, name):
-    reference = decode_audio(shared("speech", "en_librivox_0870.wav"))
-    clip = decode_audio(shared("unusual", name))
+@pytest.mark.parametrize("name", REENCODED_SPEECH)
+def test_unusual_audio_matches_the_reference_speech(material, name):
+    reference = decode_audio(material.path("speech/speech_7s.wav"))
+    clip = decode_audio(material.path(f"unusual/{name}"))
+    assert clip.sample_rate == SR
     assert clip.duration == pytest.approx(reference.duration, abs=0.05)
     n = min(len(clip.samples), len(reference.samples))
 
@@ -517,8 +517,8 @@ def test_shared_unusual_audio_matches_the_reference_speech(shared, name):
     assert np.corrcoef(envelope(clip.samples), envelope(reference.samples))[0, 1] > 0.95
 
 
-def test_shared_silence_is_three_quiet_seconds(shared):
-    clip = decode_audio(shared("unusual", "silence_3s.wav"))
+def test_silence_is_three_quiet_seconds(material):
+    clip = decode_audio(material.path("unusual/silence_3s.wav"))
     assert clip.duration == pytest.approx(3.0, abs=0.01)
     assert rms(clip.samples) < 1e-3
 

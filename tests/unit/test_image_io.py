@@ -23,6 +23,7 @@ from lipsync.errors import (
     UnsupportedMedia,
 )
 from lipsync.io import load_image, to_rgb
+from tests.material import PORTRAIT_MODES, UNUSUAL_IMAGES
 
 
 # --- test material, written here ------------------------------------------------------------------
@@ -293,7 +294,7 @@ def test_missing_file_is_invalid_input(tmp_path):
     assert "not found" in assert_refused(InvalidInput, tmp_path / "absent.png").message
 
 
-# --- shared test material ----------------------------------------------------------------------------------
+# --- the bad and unusual files of tests/material.py --------------------------------------------------------
 BAD_IMAGES = {
     "bomb_20000x20000.png": ImageTooLarge,
     "truncated.jpg": CorruptMedia,
@@ -302,38 +303,39 @@ BAD_IMAGES = {
 
 
 @pytest.mark.parametrize("name", sorted(BAD_IMAGES))
-def test_shared_bad_images_are_refused(shared, name):
-    err = assert_refused(BAD_IMAGES[name], shared("bad", name))
+def test_bad_image_files_are_refused(material, name):
+    err = assert_refused(BAD_IMAGES[name], material.path(f"bad/{name}"))
     assert len(err.message) < 200
 
 
-def test_shared_bomb_message_names_the_pixels(shared):
-    err = assert_refused(ImageTooLarge, shared("bad", "bomb_20000x20000.png"))
+def test_bomb_message_names_the_pixels(material):
+    # A real PNG of 20000x20000 1-bit pixels (50 kB compressed): refused from its header.
+    err = assert_refused(ImageTooLarge, material.path("bad/bomb_20000x20000.png"))
     assert "400,000,000" in err.message
 
 
-def test_shared_cat_is_a_valid_image(shared):
+def test_landscape_without_a_face_is_a_valid_image(material):
     # A fine PNG without a face: io/ loads it; avatar/ is the stage that refuses it (NoFaceFound).
-    image = load_image(shared("bad", "noface_cat.png"))
-    assert image.format == "PNG" and image.pixels.ndim == 3 and image.pixels.shape[2] == 3
+    image = load_image(material.path("bad/noface.png"))
+    assert image.format == "PNG" and image.pixels.shape == (300, 451, 3)
 
 
-@pytest.mark.parametrize("name", ["gray.png", "rgba.png", "cmyk.jpg", "two_faces.png", "exif_rotated.jpg"])
-def test_shared_unusual_images_load_as_rgb(shared, name):
-    image = load_image(shared("unusual", name))
+@pytest.mark.parametrize("name", UNUSUAL_IMAGES)
+def test_unusual_images_load_as_rgb(material, name):
+    image = load_image(material.path(f"unusual/{name}"))
     assert image.pixels.ndim == 3 and image.pixels.shape[2] == 3 and image.pixels.dtype == np.uint8
 
 
-@pytest.mark.parametrize("name", ["gray.png", "rgba.png", "cmyk.jpg"])
-def test_shared_unusual_images_show_the_same_portrait(shared, name):
-    reference = load_image(shared("faces", "obama.jpg")).pixels.astype(float).mean(axis=2)
-    grey = load_image(shared("unusual", name)).pixels.astype(float).mean(axis=2)
+@pytest.mark.parametrize("name", PORTRAIT_MODES)
+def test_unusual_images_show_the_same_portrait(material, name):
+    reference = load_image(material.path("faces/tall.jpg")).pixels.astype(float).mean(axis=2)
+    grey = load_image(material.path(f"unusual/{name}")).pixels.astype(float).mean(axis=2)
     assert grey.shape == reference.shape
     assert np.abs(grey - reference).mean() < 6
 
 
-def test_shared_exif_rotated_comes_out_in_display_orientation(shared):
-    path = shared("unusual", "exif_rotated.jpg")
+def test_exif_rotated_photo_comes_out_in_display_orientation(material):
+    path = material.path("unusual/exif_rotated.jpg")
     with PIL.Image.open(path) as raw:
         orientation = raw.getexif().get(0x0112, 1)
         stored = np.asarray(raw.convert("RGB"))
@@ -342,3 +344,6 @@ def test_shared_exif_rotated_comes_out_in_display_orientation(shared):
     np.testing.assert_array_equal(image.pixels, DISPLAY[orientation](stored))
     h, w = stored.shape[:2]
     assert (image.height, image.width) == ((w, h) if orientation >= 5 else (h, w))
+    # and it is the upright photo (JPEG-compressed twice, so close rather than equal)
+    upright = load_image(material.path("faces/tall.jpg")).pixels.astype(float)
+    assert np.abs(image.pixels.astype(float) - upright).mean() < 4

@@ -11,6 +11,7 @@ import pytest
 from lipsync.errors import Busy, ShuttingDown
 from lipsync.server.errors import JobCancelled
 from lipsync.server.jobs import CancelToken, ChunkChannel, JobQueue
+from tests.waiting import returns_within
 
 
 def _blocking(gate: threading.Event, started: threading.Semaphore | None = None, value: object = None):
@@ -39,10 +40,10 @@ def test_full_queue_refuses_at_once_and_frees_slots(queue: JobQueue) -> None:
     state = queue.state()
     assert (state.in_flight, state.waiting, state.capacity) == (1, 1, 2)
 
-    t0 = time.monotonic()
+    # Refused at once: both jobs are still held at the gate, which only opens below, so a submit
+    # that waited for a free slot would never return.
     with pytest.raises(Busy) as info:
-        queue.submit(_blocking(gate))
-    assert time.monotonic() - t0 < 1.0, "a full queue must answer immediately, not wait"
+        returns_within(lambda: queue.submit(_blocking(gate)), what="submit to a full queue")
     assert info.value.retry_after_s >= 1
     assert type(info.value) is Busy
 
@@ -108,7 +109,7 @@ def test_wait_async_bridges_to_the_event_loop(queue: JobQueue) -> None:
     assert asyncio.run(main()) == 1
 
 
-async def _until(condition, timeout: float = 5.0) -> None:
+async def _until(condition, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < end, "condition not reached in time"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 import struct
 import subprocess
 import sys
 import threading
-import time
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -23,7 +23,7 @@ from lipsync.options import EncoderOptions
 from lipsync.types import AudioClip, Frames
 from lipsync.video import AAC_SAMPLE_RATE, Mp4Writer, aac_priming_samples, encode_floor, encode_mp4
 from lipsync.video import encode as encode_module
-from tests.conftest import LIPEVAL, shared_path
+from tests.conftest import LIPEVAL, need
 
 W, H, FPS = 128, 96, 25
 
@@ -355,10 +355,21 @@ def test_background_queue_is_bounded(tmp_path, monkeypatch):
 
     def stalled(self, batch):
         started.set()
-        release.wait(10)
+        release.wait(60)
         real(self, batch)
 
+    blocked = threading.Event()
+
+    class ProbeQueue(queue.Queue):
+        """Sets ``blocked`` when a put finds the queue full while the encoder is stalled."""
+
+        def put(self, item, block=True, timeout=None):
+            if started.is_set() and self.full():
+                blocked.set()
+            super().put(item, block, timeout)
+
     monkeypatch.setattr(encode_module._EncodeSession, "encode_batch", stalled)
+    monkeypatch.setattr(encode_module.queue, "Queue", ProbeQueue)
     writer = Mp4Writer(tmp_path / "x.mp4", width=W, height=H, background=True)
     accepted: list[int] = []
 
@@ -369,17 +380,16 @@ def test_background_queue_is_bounded(tmp_path, monkeypatch):
 
     producer = threading.Thread(target=produce)
     producer.start()
-    assert started.wait(10)
-    deadline = time.monotonic() + 10
-    while len(accepted) < 1 + encode_module.QUEUE_BATCHES and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)  # room for an unbounded writer to run ahead
+    assert started.wait(60)
+    assert isinstance(writer._worker.queue, ProbeQueue)  # the probe sits where batches queue up
+    # An unbounded writer would never find its queue full: the producer would run to the end.
+    assert blocked.wait(60), "the producer never had to wait for the stalled encoder"
     # one batch in the encoder, QUEUE_BATCHES waiting, the producer blocked on the next put
     assert producer.is_alive()
     assert len(accepted) == 1 + encode_module.QUEUE_BATCHES
     assert writer.pending_batches == encode_module.QUEUE_BATCHES
     release.set()
-    producer.join(10)
+    producer.join(60)
     writer.close()
     assert len(accepted) == 12
     assert len(decode(tmp_path / "x.mp4")["frames"]) == 60
@@ -424,10 +434,11 @@ def test_encode_floor_runs_the_writer_and_cleans_up(tmp_path, monkeypatch):
 
 # --- the independent judge -----------------------------------------------------------------
 @pytest.mark.slow
-def test_lipeval_container_checks(tmp_path):
-    face = shared_path("faces", "astronaut.png")
-    speech = shared_path("speech", "en_librivox_0870.wav")
-    with wave.open(str(speech)) as w:  # 16-bit mono PCM (see ../shared/README.md)
+def test_lipeval_container_checks(tmp_path, material):
+    need(LIPEVAL, f"the judge {LIPEVAL} is absent (../shared beside the repo)")
+    face = material.path("faces/portrait.png")
+    speech = material.path("speech/speech_7s.wav")
+    with wave.open(str(speech)) as w:  # 16-bit mono PCM
         clip = AudioClip(np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768.0, w.getframerate())
     portrait = cv2.cvtColor(cv2.imread(str(face)), cv2.COLOR_BGR2RGB)
     n = clip.n_frames(FPS)
@@ -437,7 +448,7 @@ def test_lipeval_container_checks(tmp_path):
     )
     out = encode_mp4(tmp_path / "judge.mp4", batches, width=512, height=512, audio=clip)
     result = tmp_path / "judge.json"
-    subprocess.run(
+    judged = subprocess.run(
         [
             sys.executable,
             str(LIPEVAL),
@@ -456,3 +467,6 @@ def test_lipeval_container_checks(tmp_path):
     checks = json.loads(result.read_text())["checks"]
     for name in ("faststart", "h264", "fps25", "size", "has_audio", "duration", "muxed_audio_matches"):
         assert checks[name], (name, checks)
+    # The container is right but the face never speaks: the judge must fail it.
+    assert not checks["mouth_moves"], checks
+    assert judged.returncode != 0, judged.stdout[-2000:]

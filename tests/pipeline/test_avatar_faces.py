@@ -1,4 +1,5 @@
-"""The avatar stage on the real portraits in ../shared/assets (dlib detector + landmarks)."""
+"""The avatar stage on real portraits (dlib detector + landmarks): the bundled portrait, a tall photo made
+from it and its odd variants (tests/material.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ from lipsync.avatar.align import FACE_FRACTION, inter_ocular
 from lipsync.errors import NoFaceFound
 from lipsync.types import Avatar, Image
 
-from ..conftest import shared_path
+from tests.material import PORTRAIT_MODES, TALL_SIZE, Material
 
 try:
     from lipsync.io.image import load_image
@@ -55,9 +56,10 @@ def cache(tmp_path: Path) -> AvatarCache:
 
 
 @pytest.fixture(scope="module")
-def obama(detector: FaceDetector, tmp_path_factory: pytest.TempPathFactory) -> Avatar:
-    image, data = decode(shared_path("faces", "obama.jpg"))
-    cache = AvatarCache(tmp_path_factory.mktemp("obama"), PRECOMPUTE_VERSION)
+def tall(detector: FaceDetector, material: Material, tmp_path_factory: pytest.TempPathFactory) -> Avatar:
+    """The avatar of faces/tall.jpg: a 910x1137 photo with the face off-centre."""
+    image, data = decode(material.path("faces/tall.jpg"))
+    cache = AvatarCache(tmp_path_factory.mktemp("tall"), PRECOMPUTE_VERSION)
     return precompute_avatar(image, cache=cache, detector=detector, source_bytes=data)[0]
 
 
@@ -88,15 +90,17 @@ def judge_boxes(rgb: np.ndarray) -> list:
     return list(dlib.get_frontal_face_detector()(np.ascontiguousarray(rgb), 1))
 
 
-# --- the two faces ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["astronaut.png", "obama.jpg"])
-def test_shared_faces_become_talking_heads(name: str, detector: FaceDetector, cache: AvatarCache, tmp_path: Path) -> None:
-    image, data = decode(shared_path("faces", name))
+# --- the two photos -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["portrait.png", "tall.jpg"])
+def test_faces_become_talking_heads(
+    name: str, detector: FaceDetector, cache: AvatarCache, material: Material, tmp_path: Path
+) -> None:
+    image, data = decode(material.path(f"faces/{name}"))
     avatar, hit = precompute_avatar(image, cache=cache, detector=detector, source_bytes=data)
     assert hit is False
     assert_talking_head(avatar)
     assert avatar.source_size == (image.width, image.height)
-    # Both portraits smile with teeth showing.
+    # The portrait smiles with teeth showing.
     assert avatar.teeth_visible_rest is True
     assert 0.05 < avatar.mouth_open_rest < 0.5
     # The judge finds exactly one face in the crop, around our landmarks.
@@ -112,11 +116,11 @@ def test_shared_faces_become_talking_heads(name: str, detector: FaceDetector, ca
     cv2.imwrite(str(tmp_path / f"{name}.crop.png"), cv2.cvtColor(avatar.image, cv2.COLOR_RGB2BGR))
 
 
-def test_landmarks_match_a_full_resolution_dlib_pass(detector: FaceDetector) -> None:
+def test_landmarks_match_a_full_resolution_dlib_pass(detector: FaceDetector, material: Material) -> None:
     # Our downscaled search + refined box must give landmarks as good as dlib on the full image.
     import dlib
 
-    image, _ = decode(shared_path("faces", "obama.jpg"))
+    image, _ = decode(material.path("faces/tall.jpg"))
     box, lm = detector.find_face(image.pixels)
     reference_rect = max(dlib.get_frontal_face_detector()(image.pixels, 1), key=lambda r: r.area())
     ref = detector.landmarks(image.pixels, type(box)(reference_rect.left(), reference_rect.top(),
@@ -126,21 +130,24 @@ def test_landmarks_match_a_full_resolution_dlib_pass(detector: FaceDetector) -> 
 
 
 # --- unusual but valid -----------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["gray.png", "rgba.png", "cmyk.jpg", "exif_rotated.jpg"])
-def test_unusual_variants_of_the_portrait_work(name: str, detector: FaceDetector, cache: AvatarCache, obama: Avatar) -> None:
-    image, data = decode(shared_path("unusual", name))
+@pytest.mark.parametrize("name", [*PORTRAIT_MODES, "exif_rotated.jpg"])
+def test_unusual_variants_of_the_portrait_work(
+    name: str, detector: FaceDetector, cache: AvatarCache, material: Material, tall: Avatar
+) -> None:
+    image, data = decode(material.path(f"unusual/{name}"))
     avatar, _ = precompute_avatar(image, cache=cache, detector=detector, source_bytes=data)
     assert_talking_head(avatar)
-    # Same photo as obama.jpg: the same framing, within a few pixels, and the same picture.
-    np.testing.assert_allclose(avatar.crop_box, obama.crop_box, atol=6)
-    assert np.linalg.norm(avatar.landmarks - obama.landmarks, axis=1).mean() < 0.03 * inter_ocular(obama.landmarks)
+    assert avatar.source_size == TALL_SIZE
+    # Same photo as tall.jpg: the same framing, within a few pixels, and the same picture.
+    np.testing.assert_allclose(avatar.crop_box, tall.crop_box, atol=6)
+    assert np.linalg.norm(avatar.landmarks - tall.landmarks, axis=1).mean() < 0.03 * inter_ocular(tall.landmarks)
     grey = cv2.cvtColor(avatar.image, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    ref = cv2.cvtColor(obama.image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    ref = cv2.cvtColor(tall.image, cv2.COLOR_RGB2GRAY).astype(np.float32)
     assert np.corrcoef(grey.ravel(), ref.ravel())[0, 1] > 0.95  # upright, not mirrored
 
 
-def test_exif_rotated_face_comes_out_upright(detector: FaceDetector, cache: AvatarCache) -> None:
-    image, data = decode(shared_path("unusual", "exif_rotated.jpg"))
+def test_exif_rotated_face_comes_out_upright(detector: FaceDetector, cache: AvatarCache, material: Material) -> None:
+    image, data = decode(material.path("unusual/exif_rotated.jpg"))
     avatar, _ = precompute_avatar(image, cache=cache, detector=detector, source_bytes=data)
     meta = cache.face_meta(avatar.id)
     # Whatever turn was needed is recorded, and the recorded source frame matches it.
@@ -149,12 +156,12 @@ def test_exif_rotated_face_comes_out_upright(detector: FaceDetector, cache: Avat
     assert_talking_head(avatar)
 
 
-def test_two_faces_takes_the_largest(detector: FaceDetector, cache: AvatarCache) -> None:
-    image, data = decode(shared_path("unusual", "two_faces.png"))
+def test_two_faces_takes_the_largest(detector: FaceDetector, cache: AvatarCache, material: Material) -> None:
+    image, data = decode(material.path("unusual/two_faces.png"))
     boxes = detector.detect(image.pixels)
     assert len(boxes) >= 2
     assert [b.area for b in boxes] == sorted((b.area for b in boxes), reverse=True)
-    # Two real people: one box in each half of the picture.
+    # Two faces (the portrait pasted twice): one box in each half of the picture.
     halves = {int((b.x0 + b.x1) / 2 > image.width / 2) for b in boxes}
     assert halves == {0, 1}
     box, _lm = detector.find_face(image.pixels)
@@ -167,8 +174,8 @@ def test_two_faces_takes_the_largest(detector: FaceDetector, cache: AvatarCache)
 
 
 # --- refused -------------------------------------------------------------------------------
-def test_cat_is_refused_with_no_face_found(detector: FaceDetector, cache: AvatarCache) -> None:
-    image, data = decode(shared_path("bad", "noface_cat.png"))
+def test_landscape_is_refused_with_no_face_found(detector: FaceDetector, cache: AvatarCache, material: Material) -> None:
+    image, data = decode(material.path("bad/noface.png"))
     with pytest.raises(NoFaceFound) as info:
         precompute_avatar(image, cache=cache, detector=detector, source_bytes=data)
     assert info.value.code == "no_face"
@@ -184,9 +191,11 @@ def test_blank_image_is_refused(detector: FaceDetector) -> None:
 # --- small faces, concurrency ----------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("scale", [0.4, 0.22])
-def test_small_face_in_a_large_photo_is_found(scale: float, detector: FaceDetector, obama: Avatar) -> None:
+def test_small_face_in_a_large_photo_is_found(
+    scale: float, detector: FaceDetector, material: Material, tall: Avatar
+) -> None:
     # A "full-body" shot: the portrait shrunk and placed low in a big plain frame.
-    image, _ = decode(shared_path("faces", "obama.jpg"))
+    image, _ = decode(material.path("faces/tall.jpg"))
     small = cv2.resize(image.pixels, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     canvas = np.full((2600, 2000, 3), (96, 112, 128), np.uint8)
     y, x = 1400, 800
@@ -197,11 +206,11 @@ def test_small_face_in_a_large_photo_is_found(scale: float, detector: FaceDetect
     aligned = align_crop(face.pixels, face.landmarks, 512)
     # Same framing as the full-size portrait, relative to the face.
     lm = aligned.landmarks
-    assert np.linalg.norm(lm - obama.landmarks, axis=1).mean() < 0.08 * inter_ocular(obama.landmarks)
+    assert np.linalg.norm(lm - tall.landmarks, axis=1).mean() < 0.08 * inter_ocular(tall.landmarks)
 
 
-def test_detector_is_safe_to_share_between_threads(detector: FaceDetector) -> None:
-    images = [decode(shared_path("faces", n))[0].pixels for n in ("obama.jpg", "astronaut.png")]
+def test_detector_is_safe_to_share_between_threads(detector: FaceDetector, material: Material) -> None:
+    images = [decode(material.path(f"faces/{n}"))[0].pixels for n in ("tall.jpg", "portrait.png")]
     expected = [detector.find_face(im) for im in images]
     errors: list[BaseException] = []
     mismatches: list[int] = []
