@@ -26,19 +26,22 @@ Steps, in order (each reported in ``ConditionReport``):
    levels; at -50 dBFS it would hear nothing). Probabilities become decisions with Silero's own
    post-processing defaults (``get_speech_timestamps``: onset 0.5, offset 0.35, speech >= 250
    ms, silence >= 100 ms, 30 ms padding).
-4. **Noise**: when the speech-to-noise ratio (active speech power over the noise power in the
-   pauses) is below ``DENOISE_BELOW_SNR_DB``, a Wiener filter with the decision-directed a
+4. **Noise**: a Wiener filter with the decision-directed a
    priori SNR (Ephraim & Malah 1984, alpha 0.98) and a gain floor of ``DENOISE_FLOOR_DB``
-   suppresses stationary noise; the noise spectrum is the mean over the VAD's pauses (or, with
-   too few pauses, the 10th percentile of each bin over time, bias-corrected for an exponential
-   distribution). A stop closure in noise then looks like a stop closure in a quiet room.
+   suppresses stationary noise; the noise spectrum is the median over the VAD's pauses, 0.1 s
+   clear of speech (or, with too few pauses, the 10th percentile of each bin over time; both
+   bias-corrected for an exponential distribution). A stop closure in noise then looks like a
+   stop closure in a quiet room. It runs on every clip (on a quiet recording it takes the room
+   tone out of the pauses and leaves speech alone), so clean and noisy input get the same
+   treatment; ``as_needed`` runs it only below ``DENOISE_BELOW_SNR_DB`` of speech-to-noise ratio
+   (active speech power over the pause noise).
 5. **Level**: the 80th percentile of the RMS of 20 ms frames the VAD calls speech is brought to
    ``TARGET_LEVEL_DBFS`` (not the peak: one click or a clipped burst would set it), capped so
    no sample exceeds full scale. Works from -50 dBFS (16-bit quantisation noise is then
    still ~45 dB down) to hard-clipped input.
 
 ``mode="as_needed"`` applies each of steps 1, 2, 4 and 5 only when its fault is present (DC
-above ``DC_FAULT_RATIO`` of the speech RMS, hum found, SNR low, speech level outside
+above ``DC_FAULT_RATIO`` of the speech RMS, hum found, SNR below ``DENOISE_BELOW_SNR_DB``, speech level outside
 ``LEVEL_OK_DBFS``), so clean input passes through bit for bit: engines whose features must keep
 parity with an upstream implementation on clean input (SadTalker's mel spectrogram) use it.
 
@@ -107,6 +110,8 @@ DENOISE_ALPHA = 0.98
 DENOISE_WINDOW_S = 0.032
 #: Pauses needed to measure the noise spectrum from them (s); otherwise minimum statistics.
 MIN_PAUSE_S = 0.3
+#: Pause frames this close to speech are not used for the noise spectrum (s).
+PAUSE_MARGIN_S = 0.1
 
 _EPS = 1e-20
 
@@ -202,7 +207,7 @@ def condition(samples: np.ndarray, sample_rate: int, *, mode: Mode = "full") -> 
     # 4. noise
     snr, noise_psd = _noise(y, sample_rate, speech)
     denoised = False
-    if snr is not None and snr < DENOISE_BELOW_SNR_DB and noise_psd is not None:
+    if noise_psd is not None and (mode == "full" or (snr is not None and snr < DENOISE_BELOW_SNR_DB)):
         y = _wiener(y, sample_rate, noise_psd)
         denoised = True
 
@@ -432,9 +437,14 @@ def _noise(x: np.ndarray, sr: int, speech: np.ndarray) -> tuple[float | None, np
     power = np.abs(z) ** 2
     centres = np.minimum(np.arange(power.shape[1]) * hop, x.size - 1)
     is_speech = speech[centres]
-    pause_frames = ~is_speech
+    # pauses, kept PAUSE_MARGIN_S clear of speech (the VAD pads and lags by a frame or two)
+    margin = max(1, round(PAUSE_MARGIN_S * sr / hop))
+    near_speech = np.convolve(is_speech.astype(float), np.ones(2 * margin + 1), mode="same") > 0
+    pause_frames = ~near_speech
     if np.count_nonzero(pause_frames) * hop >= MIN_PAUSE_S * sr:
-        noise_psd = power[:, pause_frames].mean(axis=1)
+        # per bin, the median over pause frames: an exponential's median is ln 2 of its mean,
+        # and a stray breath or click in a pause moves it little
+        noise_psd = np.median(power[:, pause_frames], axis=1) / math.log(2.0)
     else:  # minimum statistics, crudely: the 10th percentile of an exponential is 0.105 of its mean
         noise_psd = np.percentile(power, 10, axis=1) / -math.log(0.9)
     speech_power = float(power[:, is_speech].sum(axis=0).mean())
