@@ -210,7 +210,7 @@ def main() -> int:
         res = judge(lipeval, video, clean_wav, portrait, phones, out / f"{label}.json")
         found = condition(pipe.load_audio(wav).samples, SR).report.as_dict()
         rows.append({"input": label, "generate_s": round(gen_s, 1), "conditioning": found,
-                     **{k: res.get(k) for k in (*METRICS, "pause_opening_rel", "sync_best_corr")}})
+                     **{k: res.get(k) for k in (*METRICS, "pause_opening_rel", "sync_best_corr", "phone_counts")}})
         print(f"{label:18s} done in {gen_s:.1f} s", file=sys.stderr, flush=True)
 
     base = next((r for r in rows if r["input"] == "clean"), None)
@@ -238,6 +238,10 @@ def main() -> int:
         ok_all &= ok
         pcell = "-" if pause is None else f"{pause:.2f}"
         print(f"| {r['input']} | {' | '.join(cells)} | {pcell} | {worst:.2f} | {'yes' if ok else 'NO'} |")
+    if base is not None and base.get("phone_counts"):
+        c = base["phone_counts"]
+        print(f"\nScored phones: {c['bilabial']} bilabials, {c['open_vowel']} open vowels, {c['rounded']} rounded x "
+              f"{c['spread']} spread vowels (one bilabial = {1 / max(c['bilabial'], 1):.2f}).")
     if args.json:
         args.json.write_text(json.dumps({"clip": CLIP, "portrait": PORTRAIT, "conditioned": not args.no_condition,
                                          "tolerance": args.tolerance, "rows": rows}, indent=1))
