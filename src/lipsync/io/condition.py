@@ -33,17 +33,17 @@ Steps, in order (each reported in ``ConditionReport``):
    bias-corrected for an exponential distribution). A stop closure in noise then looks like a
    stop closure in a quiet room. It runs on every clip (on a quiet recording it takes the room
    tone out of the pauses and leaves speech alone), so clean and noisy input get the same
-   treatment; ``as_needed`` runs it only below ``DENOISE_BELOW_SNR_DB`` of speech-to-noise ratio
-   (active speech power over the pause noise).
+   treatment. The speech-to-noise ratio (active speech power over the noise) is reported.
 5. **Level**: the 80th percentile of the RMS of 20 ms frames the VAD calls speech is brought to
    ``TARGET_LEVEL_DBFS`` (not the peak: one click or a clipped burst would set it), capped so
    no sample exceeds full scale. Works from -50 dBFS (16-bit quantisation noise is then
    still ~45 dB down) to hard-clipped input.
 
-``mode="as_needed"`` applies each of steps 1, 2, 4 and 5 only when its fault is present (DC
-above ``DC_FAULT_RATIO`` of the speech RMS, hum found, SNR below ``DENOISE_BELOW_SNR_DB``, speech level outside
-``LEVEL_OK_DBFS``), so clean input passes through bit for bit: engines whose features must keep
-parity with an upstream implementation on clean input (SadTalker's mel spectrogram) use it.
+``mode="as_needed"`` applies steps 1, 2 and 5 only when their fault is present (DC above
+``DC_FAULT_RATIO`` of the speech RMS, hum found, speech level outside ``LEVEL_OK_DBFS``) and
+never step 4, so clean input passes through bit for bit: engines whose features must keep parity
+with an upstream implementation on clean input (SadTalker's mel spectrogram) use it; such a
+model was trained on recordings as they come, noise included, and gets the noise as it comes.
 
 numpy/scipy and a Silero VAD wheel only: the classic path never imports torch.
 """
@@ -103,8 +103,6 @@ LEVEL_OK_DBFS = (-32.0, -10.0)
 #: Below this much speech (s) the level is not measured and no gain is applied.
 MIN_ACTIVE_S = 0.2
 
-#: Denoise when active speech power over noise power is below this (dB).
-DENOISE_BELOW_SNR_DB = 25.0
 #: Wiener gain floor (dB) and the decision-directed smoothing constant. Chosen on the dev clips
 #: (en_librivox_0880, the bundled espeak sample; pink noise at 10 dB SNR) for the closest dB
 #: envelope to the clean clip's: alpha 0.98 (the speech-enhancement default, tuned for low musical
@@ -113,8 +111,11 @@ DENOISE_FLOOR_DB = -25.0
 DENOISE_ALPHA = 0.8
 #: STFT for denoising: 32 ms Hann windows, 75 % overlap (constant overlap-add).
 DENOISE_WINDOW_S = 0.032
-#: Pauses needed to measure the noise spectrum from them (s); otherwise minimum statistics.
-MIN_PAUSE_S = 0.3
+#: Pauses needed to measure the noise spectrum from them (s); otherwise the quiet floor.
+MIN_PAUSE_S = 0.15
+#: Without pauses: the percentile of the periodogram smoothed over this long taken as noise.
+FLOOR_SMOOTH_S = 0.064
+FLOOR_PERCENTILE = 5.0
 #: Pause frames this close to speech are not used for the noise spectrum (s).
 PAUSE_MARGIN_S = 0.1
 
@@ -212,7 +213,7 @@ def condition(samples: np.ndarray, sample_rate: int, *, mode: Mode = "full") -> 
     # 4. noise
     snr, noise_psd = _noise(y, sample_rate, speech)
     denoised = False
-    if noise_psd is not None and (mode == "full" or (snr is not None and snr < DENOISE_BELOW_SNR_DB)):
+    if noise_psd is not None and mode == "full":
         y = _wiener(y, sample_rate, noise_psd)
         denoised = True
 
@@ -476,14 +477,33 @@ def _noise(x: np.ndarray, sr: int, speech: np.ndarray) -> tuple[float | None, np
         # per bin, the median over pause frames: an exponential's median is ln 2 of its mean,
         # and a stray breath or click in a pause moves it little
         noise_psd = np.median(power[:, pause_frames], axis=1) / math.log(2.0)
-    else:  # minimum statistics, crudely: the 10th percentile of an exponential is 0.105 of its mean
-        noise_psd = np.percentile(power, 10, axis=1) / -math.log(0.9)
+    else:
+        noise_psd = _quiet_floor(power, hop, sr)
     speech_power = float(power[:, is_speech].sum(axis=0).mean())
     noise_power = float(noise_psd.sum())
     if noise_power <= _EPS:
         return None, None
     clean_power = max(speech_power - noise_power, _EPS)
     return 10.0 * math.log10(clean_power / noise_power), noise_psd
+
+
+def _quiet_floor(power: np.ndarray, hop: int, sr: int) -> np.ndarray:
+    """Noise power per bin of a clip without usable pauses, from its quietest moments.
+
+    The periodogram is averaged over ``FLOOR_SMOOTH_S`` (8 frames at 75 % overlap: about 4
+    independent periodograms, so a gamma distribution of shape ~4 where noise alone is present)
+    and the ``FLOOR_PERCENTILE``-th percentile over time is scaled by that distribution's
+    mean-to-percentile ratio (the idea of minimum statistics, Martin 2001, without the tracking).
+    Speech raises low percentiles far less than it raises the mean of a raw periodogram.
+    """
+    import scipy.ndimage
+    import scipy.stats
+
+    frames = max(1, round(FLOOR_SMOOTH_S * sr / hop))
+    smoothed = scipy.ndimage.uniform_filter1d(power, size=frames, axis=1, mode="nearest")
+    shape = max(1.0, frames / 2.0)
+    ratio = scipy.stats.gamma.ppf(FLOOR_PERCENTILE / 100.0, shape) / shape
+    return np.percentile(smoothed, FLOOR_PERCENTILE, axis=1) / ratio
 
 
 def _wiener(x: np.ndarray, sr: int, noise_psd: np.ndarray) -> np.ndarray:
