@@ -53,31 +53,31 @@ def _pink(n: int, seed: int = 7) -> np.ndarray:
 
 
 # --- the faults (each takes and returns float64 samples) ----------------------------------------
-def _dc(x, mask):  # offset five times the speech RMS
-    return x - 5.0 * _speech_rms(x, mask)
+def _dc(x, speech_rms):  # offset five times the speech RMS
+    return x - 5.0 * speech_rms
 
 
-def _hum50(x, mask):  # -20 dBFS RMS at 50 Hz plus its 3rd harmonic 6 dB down
+def _hum50(x, speech_rms):  # -20 dBFS RMS at 50 Hz plus its 3rd harmonic 6 dB down
     return x + 0.1 * np.sqrt(2) * (np.sin(2 * np.pi * 50.0 * T) + 0.5 * np.sin(2 * np.pi * 150.0 * T + 1.0))
 
 
-def _hum60(x, mask):  # a 60 Hz grid slightly off nominal, with 2nd and 3rd harmonics
+def _hum60(x, speech_rms):  # a 60 Hz grid slightly off nominal, with 2nd and 3rd harmonics
     f = 59.93
     return x + 0.1 * np.sqrt(2) * (np.sin(2 * np.pi * f * T) + 0.3 * np.sin(4 * np.pi * f * T + 0.4)
                                    + 0.3 * np.sin(6 * np.pi * f * T + 2.0))
 
 
-def _noise10(x, mask):  # pink noise 10 dB below the speech (active-speech power, DC aside)
-    return x + _pink(x.size) * _speech_rms(x - np.mean(x), mask) / np.sqrt(10.0)
+def _noise10(x, speech_rms):  # pink noise 10 dB below the speech (its active-speech power)
+    return x + _pink(x.size) * speech_rms / np.sqrt(10.0)
 
 
 def _level(dbfs):
-    def scale(x, mask):
+    def scale(x, speech_rms):
         return x * (10.0 ** (dbfs / 20.0) / np.max(np.abs(x)))
     return scale
 
 
-def _clip12(x, mask):  # +12 dB gain into a hard clipper
+def _clip12(x, speech_rms):  # +12 dB gain into a hard clipper
     return np.clip(x * 10.0 ** (12 / 20.0), -1.0, 1.0)
 
 
@@ -89,10 +89,14 @@ PAIRS = [p for p in itertools.combinations(FAULTS, 2) if set(p) not in EXCLUSIVE
 
 
 def _degrade(names, mask) -> np.ndarray:
-    order = sorted(names, key=lambda n: n not in GAIN_FAULTS)
+    """The clean clip with the named faults: level faults first, then the additive ones, whose
+    levels (DC, noise) are relative to the speech as it is after the level faults."""
     x = CLEAN.copy()
-    for name in order:
-        x = FAULTS[name](x, mask)
+    for name in [n for n in names if n in GAIN_FAULTS]:
+        x = FAULTS[name](x, None)
+    speech_rms = _speech_rms(x, mask)
+    for name in [n for n in names if n not in GAIN_FAULTS]:
+        x = FAULTS[name](x, speech_rms)
     return x.astype(np.float32)
 
 
