@@ -79,7 +79,8 @@ HUM_PROMINENCE_DB = 12.0
 #: Once hum is established, weaker lines on its grid (buried in loud speech) go too (dB),
 HUM_WEAK_PROMINENCE_DB = 6.0
 #: Every line must lie this close to k x the grid frequency that the most prominent line gives
-#: (Hz, 1/5 bin; scaled by 1 + k / k_anchor for the anchor's own error): a speech partial lands
+#: (Hz, 1/5 bin; strong lines: x (1 + k / k_anchor) for the anchor's error; weak lines: + 0.01 Hz
+#: per harmonic around the grid refined from the strong ones): a speech partial lands
 #: anywhere near k x 50 Hz, hum exactly on it.
 HUM_GRID_TOLERANCE_HZ = 0.1
 #: Hum tracking window (s): the removal is ~1.44 / this wide (-3 dB), ~2.9 Hz: wide enough for a
@@ -307,13 +308,15 @@ def _find_hum(x: np.ndarray, sr: int) -> tuple[float, list[int], float] | None:
         # hum is a grid: anchored on its most prominent line, every line must sit at k x f0
         k_a, f_a, _, _ = max(strong, key=lambda h: h[2])
         f0 = f_a / k_a
-        found = [h for h in found if abs(h[1] - h[0] * f0) <= HUM_GRID_TOLERANCE_HZ * (1.0 + h[0] / k_a)]
-        strong = [h for h in found if h[2] >= HUM_PROMINENCE_DB]
+        strong = [h for h in strong if abs(h[1] - h[0] * f0) <= HUM_GRID_TOLERANCE_HZ * (1.0 + h[0] / k_a)]
         # one line alone must be very strong; two or more strong lines on the grid are hum
         if len(strong) == 1 and strong[0][2] < HUM_PROMINENCE_DB + 8.0:
             continue
         weights = np.array([h[2] for h in strong])
         f0 = float(np.sum(weights * np.array([h[1] / h[0] for h in strong])) / np.sum(weights))
+        # weaker lines with the refined grid, whose error grows with k (~0.01 Hz per harmonic)
+        found = strong + [h for h in found if h[2] < HUM_PROMINENCE_DB
+                          and abs(h[1] - h[0] * f0) <= HUM_GRID_TOLERANCE_HZ + 0.01 * h[0]]
         found = sorted(found, key=lambda h: -h[3])[:HUM_MAX_LINES]
         strength = sum(h[2] for h in strong)
         if best is None or strength > best[0]:
@@ -504,6 +507,10 @@ def _noise(x: np.ndarray, sr: int, speech: np.ndarray) -> tuple[float | None, np
         noise_psd = np.median(power[:, pause_frames], axis=1) / math.log(2.0)
     else:
         noise_psd = _quiet_floor(power, hop, sr)
+    if noise_psd.sum() <= _EPS * power.shape[0]:
+        # digitally silent pauses (a noise gate, TTS): the noise that rides on the speech is all
+        # there is, measured from the speech's own quietest moments
+        noise_psd = _quiet_floor(power[:, is_speech], hop, sr)
     speech_power = float(power[:, is_speech].sum(axis=0).mean())
     noise_power = float(noise_psd.sum())
     if noise_power <= _EPS:
