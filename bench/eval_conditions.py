@@ -14,7 +14,7 @@ input, with each score's difference from the clean clip's. Target: every differe
 
 The clean clip is ``en_librivox_0870`` (held out from every tuning the product has seen) with a
 0.8 s pause inserted at the quietest phone boundary of its middle third (filled with the
-recording's own room tone, from after its last word), so there is a real pause to judge (the recording itself has only 0.2-0.3 s at its ends, shorter than lipeval's
+recording's own room tone, from after its last word, 15 dB down), so there is a pause to judge (the recording itself has only 0.2-0.3 s at its ends, shorter than lipeval's
 8-frame minimum); its alignment is shifted to match and the gap labelled SIL.
 
 Faults (16-bit WAV, what a user would upload; 32-bit float where a sum exceeds full scale):
@@ -57,6 +57,7 @@ SR = 16000
 CLIP = "en_librivox_0870"
 PORTRAIT = "obama.jpg"
 PAUSE_S = 0.8
+ROOM_TONE_DB = -15.0
 SEED = 1  # the default seed is a hash of the input samples: fixed here so only the mouth differs
 METRICS = ("bilabial_closed", "open_vowel_open", "rounding_auc")
 PAUSE_MAX = 0.25  # lipeval's closed_in_pauses bar
@@ -104,9 +105,10 @@ def clean_with_pause(shared: Path, out: Path) -> tuple[Path, Path, np.ndarray]:
 
     cut = min(bounds, key=level)
     i = int(round(cut * SR))
-    # the gap holds the recording's own room tone (its last 0.2 s, after the final word),
-    # played forward and backward in turn so it has no seams
-    tone = x[-int(0.2 * SR):]
+    # the gap holds the recording's own room tone (its last 0.2 s, after the final word), played
+    # forward and backward in turn so it has no seams, ROOM_TONE_DB down: at its own level (~29 dB
+    # under the speech peaks) lipeval, which wants 35 dB, would not see a pause
+    tone = x[-int(0.2 * SR):] * 10 ** (ROOM_TONE_DB / 20)
     gap = np.concatenate([tone if j % 2 == 0 else tone[::-1] for j in range(int(PAUSE_S / 0.2) + 1)])
     y = np.concatenate([x[:i], gap[: int(PAUSE_S * SR)], x[i:]])
     shifted: list = []
