@@ -32,9 +32,8 @@ Steps, in order (each reported in ``ConditionReport``):
    suppresses stationary noise; the noise spectrum is the median over the VAD's pauses, 0.1 s
    clear of speech (or, with too few pauses, the 10th percentile of each bin over time; both
    bias-corrected for an exponential distribution). A stop closure in noise then looks like a
-   stop closure in a quiet room. It runs on every clip (on a quiet recording it takes the room
-   tone out of the pauses and leaves speech alone), so clean and noisy input get the same
-   treatment. The speech-to-noise ratio (active speech power over the noise) is reported.
+   stop closure in a quiet room. It runs when the speech-to-noise ratio (active speech power
+   over the noise) is below ``DENOISE_BELOW_SNR_DB``; quiet recordings are left as they are.
 5. **Level**: the 80th percentile of the RMS of 20 ms frames the VAD calls speech is brought to
    ``TARGET_LEVEL_DBFS`` (not the peak: one click or a clipped burst would set it), capped so
    no sample exceeds full scale. Works from -50 dBFS (16-bit quantisation noise is then
@@ -111,6 +110,10 @@ LEVEL_OK_DBFS = (-32.0, -10.0)
 #: Below this much speech (s) the level is not measured and no gain is applied.
 MIN_ACTIVE_S = 0.2
 
+#: Denoise below this speech-to-noise ratio (dB). Quiet recordings measure 30-75 dB (LibriVox
+#: 0870/0880: 32/33, espeak: 75), 10 dB pink noise 11-15: left alone, quiet recordings keep the
+#: detail the motion models were tuned on.
+DENOISE_BELOW_SNR_DB = 25.0
 #: Wiener gain floor (dB) and the decision-directed smoothing constant. Chosen on the dev clips
 #: (en_librivox_0880, the bundled espeak sample; pink noise at 10 dB SNR) for the closest dB
 #: envelope to the clean clip's: alpha 0.98 (the speech-enhancement default, tuned for low musical
@@ -221,7 +224,7 @@ def condition(samples: np.ndarray, sample_rate: int, *, mode: Mode = "full") -> 
     # 4. noise
     snr, noise_psd = _noise(y, sample_rate, speech)
     denoised = False
-    if noise_psd is not None and mode == "full":
+    if noise_psd is not None and mode == "full" and snr is not None and snr < DENOISE_BELOW_SNR_DB:
         y = _wiener(y, sample_rate, noise_psd)
         denoised = True
 
