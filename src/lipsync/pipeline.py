@@ -227,6 +227,18 @@ class LipSyncPipeline:
                             max_seconds=self.settings.max_audio_seconds,
                             max_bytes=_upload_limit(audio, self.settings))
 
+    def condition_audio(self, clip: AudioClip) -> AudioClip:
+        """``clip`` as the engine's motion model gets it: DC, hum, noise and level repaired and a
+        per-sample speech mask attached (``io.condition``, in the engine's ``audio_conditioning``
+        mode). The whole clip at once, so chunking cannot change it."""
+        from .io.condition import condition
+
+        mode = getattr(self.engine, "audio_conditioning", "full")
+        if mode == "off" or clip.speech is not None:  # off, or conditioned already
+            return clip
+        done = condition(clip.samples, clip.sample_rate, mode=mode)
+        return AudioClip(samples=done.samples, sample_rate=clip.sample_rate, speech=done.speech)
+
     # ------------------------------------------------------------------ generation
     def render_frames(self, clip: AudioClip, avatar: Avatar, options: MotionOptions, *,
                       timer: _Timer | None = None, progress: Progress | None = None,
@@ -237,6 +249,10 @@ class LipSyncPipeline:
         if options.seed is None:  # same input -> same blinks and head motion
             digest = hashlib.sha256(clip.samples.tobytes()).digest()
             options = replace(options, seed=int.from_bytes(digest[:4], "little"))
+        t0 = time.perf_counter()
+        clip = self.condition_audio(clip)  # the motion model's view; the MP4 keeps the caller's clip
+        if timer is not None:
+            timer.add("audio", time.perf_counter() - t0)
         total = clip.n_frames(options.fps)
         assets = self.cache.engine_dir(avatar.id, self.engine.name, self.engine.precompute_version)
         session = self.engine.start(avatar, options, total, assets=assets)

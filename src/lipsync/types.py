@@ -56,13 +56,23 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AudioClip:
-    """Decoded speech: mono float32 in [-1, 1] at ``sample_rate``."""
+    """Decoded speech: mono float32 in [-1, 1] at ``sample_rate``.
+
+    ``speech`` is optional: (n,) bool, a voice-activity decision per sample (True = speech),
+    set on the conditioned clip the engines get (``lipsync.io.condition``); None when unknown.
+    """
 
     samples: np.ndarray
     sample_rate: int
+    speech: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", _readonly(np.asarray(self.samples, dtype=np.float32)))
+        if self.speech is not None:
+            speech = _readonly(np.asarray(self.speech, dtype=bool))
+            if speech.shape != self.samples.shape:
+                raise ValueError(f"speech mask has shape {speech.shape}, samples {self.samples.shape}")
+            object.__setattr__(self, "speech", speech)
 
     @property
     def duration(self) -> float:
@@ -80,6 +90,8 @@ class AudioChunk:
     ``samples`` holds the chunk's own audio plus up to ``context_before`` samples before it and
     ``context_after`` after it, so an engine can compute features with look-ahead and smoothing
     that run continuously across chunk borders. ``own`` gives the chunk's own samples.
+    ``speech``, when the clip had one, is the voice-activity decision over the same window as
+    ``samples`` ((len(samples),) bool, False in the zero padding past the clip's ends).
     """
 
     index: int
@@ -91,9 +103,12 @@ class AudioChunk:
     context_before: int
     context_after: int
     is_last: bool
+    speech: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", _readonly(np.asarray(self.samples, dtype=np.float32)))
+        if self.speech is not None:
+            object.__setattr__(self, "speech", _readonly(np.asarray(self.speech, dtype=bool)))
 
     @property
     def own(self) -> np.ndarray:

@@ -312,3 +312,17 @@ def test_audio2pose_matches_upstream_with_fixed_noise(upstream_nets, T):
     other_noise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(9))
     other = ours.predict_clip(mels, source[0, 0, -6:], style, other_noise)
     assert (other - got).abs().max() > 1e-3
+
+
+def test_pipeline_hands_sadtalker_clean_speech_untouched():
+    """The pipeline conditions audio in the engine's mode; SadTalker's keeps clean real speech bit
+    for bit, so the mel features above stay upstream's (faults such as DC or hum are still repaired)."""
+    from lipsync.engines.sadtalker.engine import SadTalkerEngine
+    from lipsync.io.condition import condition
+
+    assert SadTalkerEngine.audio_conditioning == "as_needed"
+    for name in ("en_librivox_0870.wav", "en_librivox_0880.wav"):
+        wav = _read_wav(shared_path("speech", name))
+        out = condition(wav, SR, mode=SadTalkerEngine.audio_conditioning)
+        assert np.array_equal(out.samples, wav), name
+        assert np.array_equal(A.mel_spectrogram(out.samples), A.mel_spectrogram(wav))

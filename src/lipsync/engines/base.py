@@ -85,6 +85,9 @@ class Engine(ABC):
     sample_rate: int = 16_000
     #: Seconds of audio context the engine wants on each side of a chunk.
     context_seconds: tuple[float, float] = (0.2, 0.2)
+    #: How the pipeline conditions the audio before it reaches this engine (``io.condition``):
+    #: "full", "as_needed" (clean input passes bit for bit) or "off".
+    audio_conditioning: str = "full"
     #: Version of this engine's per-avatar precompute; bump to invalidate cached files.
     precompute_version: str = "1"
     #: The avatar cache this engine reads stored avatar files through (see the module notes);

@@ -525,7 +525,7 @@ def frame_to_sample(frame_index: int, sample_rate: int, fps: int) -> int:
     return (2 * frame_index * sample_rate + fps) // (2 * fps)
 
 
-def _window(samples: np.ndarray, start: int, stop: int) -> np.ndarray:
+def _window(samples: np.ndarray, start: int, stop: int) -> np.ndarray:  # also bool masks
     """``samples[start:stop]`` with zeros where the range runs past either end.
 
     A view of the clip when the range lies inside it; a fresh padded array only at the edges.
@@ -533,7 +533,7 @@ def _window(samples: np.ndarray, start: int, stop: int) -> np.ndarray:
     n = len(samples)
     if 0 <= start and stop <= n:
         return samples[start:stop]
-    out = np.zeros(stop - start, dtype=np.float32)
+    out = np.zeros(stop - start, dtype=samples.dtype)
     lo, hi = max(start, 0), min(stop, n)
     if hi > lo:
         out[lo - start : hi - start] = samples[lo:hi]
@@ -552,7 +552,7 @@ def iter_chunks(
     Chunk k covers frames [k*F, min((k+1)*F, total)) with total = ``clip.n_frames(fps)``; its
     ``samples`` are exactly ``context[0]`` s of audio before, its own samples, and exactly
     ``context[1]`` s after, zero-padded past the clip's ends (the last chunk's own samples too,
-    up to the end of its last frame).
+    up to the end of its last frame). A clip's ``speech`` mask is cut the same way.
     """
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
@@ -582,4 +582,5 @@ def iter_chunks(
             context_before=before,
             context_after=after,
             is_last=k == n_chunks - 1,
+            speech=None if clip.speech is None else _window(clip.speech, start_sample - before, stop_sample + after),
         )

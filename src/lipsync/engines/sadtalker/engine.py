@@ -155,6 +155,8 @@ class SadTalkerEngine(Engine):
 
     name = "sadtalker"
     sample_rate = 16_000
+    #: Upstream parity of the mel features on clean input: only faults found are repaired.
+    audio_conditioning = "as_needed"
     context_seconds = _context_seconds()
 
     def __init__(
