@@ -169,7 +169,7 @@ class FaceRenderer:
         ao_depth = 0.25 if r.own_teeth else 0.45  # the portrait's own teeth carry their shadow
         shade = 1.0 - ao_depth * np.exp(-np.maximum(below, 0.0) / (0.035 * r.iod))
         reach = np.abs(bs) / max(float(np.abs(s).max()), 1e-3)
-        shade *= 1.0 - 0.6 * _smoothstep((reach - 0.5) / 0.5)
+        shade *= 1.0 - 0.45 * _smoothstep((reach - 0.55) / 0.45)
         col *= shade[..., None].astype(np.float32)
         # the lip edge: a feather about a pixel wide at 512 px (wider on bigger frames)
         edge = cv2.GaussianBlur(m, (0, 0), sigmaX=max(0.7, 0.009 * r.iod))[..., None]

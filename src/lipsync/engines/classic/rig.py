@@ -53,9 +53,10 @@ BASES = ("jaw", "close", "round", "spread", "lift", "tuck")
 
 # Appearance limits for synthesized teeth, relative to measurements of the portrait (see
 # ``photo_stats``): teeth are never brighter than this fraction of the eye whites' luminance,
-# and never carry more high-frequency energy than this fraction of the skin around the mouth.
-TEETH_MAX_OF_EYE_WHITE = 0.88
-TEETH_MAX_OF_FACE_HF = 0.8
+# and never sharper (``sharpness``: fine detail relative to coarse) than this fraction of the
+# skin around the mouth.
+TEETH_MAX_OF_EYE_WHITE = 0.95
+TEETH_MAX_OF_FACE_SHARPNESS = 1.0
 
 
 @dataclass(frozen=True)
@@ -397,13 +398,27 @@ def high_frequency_energy(gray: np.ndarray, mask: np.ndarray | None = None) -> f
     return float(hf.mean()) if hf.size else 0.0
 
 
+def sharpness(gray: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Detail at 1 px relative to detail at 4 px: the mean absolute residual of a sigma-1
+    Gaussian blur over that of a sigma-4 blur. Independent of contrast (high-contrast teeth
+    against a dark mouth and low-contrast skin compare fairly); soft photos score ~0.1,
+    crisp or grainy ones 0.2-0.4.
+    """
+    g = np.asarray(gray, np.float32)
+    h1 = np.abs(g - cv2.GaussianBlur(g, (0, 0), sigmaX=1.0))
+    h4 = np.abs(g - cv2.GaussianBlur(g, (0, 0), sigmaX=4.0))
+    if mask is not None:
+        h1, h4 = h1[mask], h4[mask]
+    return float(h1.mean() / max(float(h4.mean()), 1e-6)) if h1.size else 0.0
+
+
 def photo_stats(image: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Measurements of the portrait that synthesized teeth must match.
 
-    Returns ``(eye_white_rgb, [eye_white_luma, face_hf, noise_sigma])``: the mean colour of the
-    brightest third of the pixels inside both eye outlines (the sclera; landmarks 36-47), the
-    high-frequency energy (``high_frequency_energy``) of the skin around the mouth (cheeks and
-    chin, lips excluded), and the noise sigma of that skin (1.4826 x the median absolute
+    Returns ``(eye_white_rgb, [eye_white_luma, face_hf, noise_sigma, face_sharpness])``: the mean colour of the
+    brightest 15 % of the pixels inside both eye outlines (the sclera; landmarks 36-47), the
+    high-frequency energy (``high_frequency_energy``) and ``sharpness`` of the skin around the
+    mouth (cheeks and chin, lips excluded), and the noise sigma of that skin (1.4826 x the median absolute
     high-pass value, the robust MAD estimate).
     """
     h, w = image.shape[:2]
@@ -416,7 +431,7 @@ def photo_stats(image: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarr
     skin_lum = float(_luma(_skin_tone(image, lm)))
     if inside.sum() >= 6:
         vals = lum[inside]
-        bright = vals >= np.percentile(vals, 67)
+        bright = vals >= np.percentile(vals, 85)
         white_rgb = image[inside][bright].astype(np.float64).mean(0)
     else:  # eyes too small to measure (a tiny face): a conservative guess from the skin
         white_rgb = np.full(3, min(255.0, skin_lum * 1.1))
@@ -434,37 +449,45 @@ def photo_stats(image: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarr
     face_hf = high_frequency_energy(lum, region)
     hp = lum - cv2.GaussianBlur(lum, (0, 0), sigmaX=1.0)
     noise = float(1.4826 * np.median(np.abs(hp[region] - np.median(hp[region]))))
-    return white_rgb, np.array([white_lum, face_hf, noise], np.float64)
+    return white_rgb, np.array([white_lum, face_hf, noise, sharpness(lum, region)], np.float64)
 
 
-def _match_photo(layer: np.ndarray, photo: np.ndarray, seed: int) -> np.ndarray:
+def _match_photo(layer: np.ndarray, photo: np.ndarray, seed: int, backdrop: np.ndarray) -> np.ndarray:
     """Soften and grain a synthesized RGBA teeth layer until its detail matches the photo.
 
     The layer is blurred (premultiplied, so edges do not darken) with the smallest sigma that
-    brings its high-frequency energy over the opaque teeth under ``TEETH_MAX_OF_FACE_HF`` of
-    the face's, then the photo's own noise level is added back (fixed seed: the same avatar
-    always gets the same grain) and the result re-checked.
+    brings the ``sharpness`` of the teeth, as painted over ``backdrop`` (the cavity), under
+    ``TEETH_MAX_OF_FACE_SHARPNESS`` of the face's; then the photo's own noise level is added back
+    (fixed seed: the same avatar always gets the same grain) as far as that limit allows.
     """
-    _, face_hf, noise = (float(v) for v in photo)
-    limit = TEETH_MAX_OF_FACE_HF * face_hf
+    _, _, noise, face_sharp = (float(v) for v in photo)
+    limit = TEETH_MAX_OF_FACE_SHARPNESS * face_sharp
     rgb, a = layer[..., :3], layer[..., 3:4]
     opaque = layer[..., 3] > 0.6
     if not opaque.any():
         return layer
+    # the teeth and a margin around them (their edges against the cavity count)
+    teeth = cv2.dilate(opaque.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     out = layer
-    for sigma in (0.0, 0.5, 0.8, 1.1, 1.5, 2.0, 2.8, 4.0):
+
+    def hf(lay: np.ndarray) -> float:
+        shown = lay[..., :3] * lay[..., 3:4] + backdrop * (1.0 - lay[..., 3:4])
+        return sharpness(_luma(shown), teeth)
+
+    for sigma in (0.0, 0.5, 0.8, 1.1, 1.5, 2.0, 2.8, 4.0, 5.6):
         if sigma > 0:
             pre = cv2.GaussianBlur(np.concatenate([rgb * a, a], -1).astype(np.float32), (0, 0), sigmaX=sigma)
             pa = pre[..., 3:4]
             out = np.concatenate([pre[..., :3] / np.maximum(pa, 1e-4), pa], -1)
-        if high_frequency_energy(_luma(out), opaque) <= 0.75 * limit:
+        if hf(out) <= 0.8 * limit:
             break
+    _match_photo.last_sigma = sigma  # for inspection
     rng = np.random.default_rng(seed)
     grain = rng.standard_normal(out.shape[:2]).astype(np.float32)
     for amp in (noise, 0.6 * noise, 0.3 * noise, 0.0):
         trial = out.copy()
         trial[..., :3] += (amp * grain)[..., None]
-        if high_frequency_energy(_luma(trial), opaque) <= limit:
+        if hf(trial) <= limit:
             return trial
     return out
 
@@ -497,7 +520,7 @@ def _teeth_layer(s, v, sn, iod, colour, length, brightness, seams=0.28, scale=1.
     # each tooth is convex: brighter in its middle, a soft dark seam between neighbours
     shade = 1.0 - 0.10 * u ** 2 - seams * np.exp(-((1 - np.abs(u)) / 0.08) ** 2)
     # shadow under the lip at the root side, slightly translucent (greyer) biting edge
-    shade = shade * (0.62 + 0.38 * _smoothstep(v * 2.5)) * (1 - 0.12 * _smoothstep((v - 0.75) * 4))
+    shade = shade * (0.8 + 0.2 * _smoothstep(v * 2.5)) * (1 - 0.12 * _smoothstep((v - 0.75) * 4))
     # teeth further back sit in the shade of the cheeks
     shade = shade * (1.0 - 0.55 * np.clip(np.abs(sn), 0, 1) ** 2) * brightness
     # rounded biting edge per tooth; back teeth are shorter
@@ -505,6 +528,23 @@ def _teeth_layer(s, v, sn, iod, colour, length, brightness, seams=0.28, scale=1.
     alpha = _smoothstep(v * 8) * _smoothstep((edge - v) * 10) * _smoothstep((0.96 - np.abs(sn)) / 0.2)
     rgb = colour * shade[..., None]
     return np.concatenate([rgb, alpha[..., None]], axis=-1)
+
+
+def _shows_teeth(image: np.ndarray, lm: np.ndarray, eye_white_luma: float) -> bool:
+    """Whether the portrait's own teeth show between its lips (inner-lip outline 60-67).
+
+    Teeth pixels are light and nearly grey: luma above 0.7 x the eye whites' and saturation
+    ((max - min) / max of RGB) under 0.4. A parted mouth showing only dark cavity or lip
+    does not count: its "teeth" would be a dark band.
+    """
+    mask = np.zeros(image.shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(lm[60:68]).astype(np.int32)], 1)
+    px = image[mask > 0].astype(np.float64)
+    if len(px) < 8:
+        return False
+    sat = (px.max(1) - px.min(1)) / np.maximum(px.max(1), 1.0)
+    toothy = (_luma(px) > 0.7 * eye_white_luma) & (sat < 0.4)
+    return float(toothy.mean()) > 0.25
 
 
 def _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_rest, hw_in, chin_drop):
@@ -556,10 +596,11 @@ def _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_
     la = lower_teeth[..., 3:4]
     jaw_rgb = tongue_rgb * (1 - la) + lower_teeth[..., :3] * la
     jaw_a = np.maximum(tongue_a, lower_teeth[..., 3])
-    jaw_layer = _match_photo(np.concatenate([jaw_rgb, jaw_a[..., None]], axis=-1), photo, seed=1)
+    jaw_layer = _match_photo(np.concatenate([jaw_rgb, jaw_a[..., None]], axis=-1), photo, seed=1,
+                             backdrop=cav)
 
     rest_gap = lo_rest - up_rest
-    own = float(np.max(rest_gap)) > 0.035 * iod
+    own = float(np.max(rest_gap)) > 0.035 * iod and _shows_teeth(image, lm, photo[0])
     if own:
         # The portrait's own teeth (and whatever shows between the lips at rest). When the upper
         # lip lifts above its rest line, the teeth continue upwards: sample the top rows again.
@@ -575,7 +616,8 @@ def _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_
         upper = np.concatenate([img, alpha[..., None]], axis=-1)
     else:
         upper_v = (t - (up_at - 0.03 * iod)) / (0.125 * iod)
-        upper = _match_photo(_teeth_layer(s, upper_v, sn, iod, teeth_colour, 1.0, 1.0), photo, seed=2)
+        upper = _match_photo(_teeth_layer(s, upper_v, sn, iod, teeth_colour, 1.0, 1.0), photo, seed=2,
+                             backdrop=cav)
 
     return dict(
         ibox=np.asarray(box, np.int32),
