@@ -54,6 +54,10 @@ class FaceRenderer:
         rel = np.stack([gx, gy], -1) - r.origin
         self._box_s = rel @ r.axes[0]
         self._box_t = rel @ r.axes[1]
+        self._box_s32 = self._box_s.astype(np.float32)
+        self._box_t32 = self._box_t.astype(np.float32)
+        # ambient occlusion under the upper lip; the portrait's own teeth carry their shadow
+        self._ao_depth = np.float32(0.25 if r.own_teeth else 0.45)
         self._rest_gap_px = np.maximum(r.lo_rest - r.up_rest, 0.0)
         self._rest_gap_max = float(self._rest_gap_px.max())
         s = r.s_dense
@@ -164,13 +168,15 @@ class FaceRenderer:
         col += (upper_teeth[..., :3] - col) * upper_teeth[..., 3:4]
         # shading: ambient occlusion under the upper lip (teeth included: the lip shades their
         # roots) and darker corners, where the cheeks close in
-        bs = self._box_s[sy0:sy1, sx0:sx1]
-        below = self._box_t[sy0:sy1, sx0:sx1] - np.interp(bs, s, up)
-        ao_depth = 0.25 if r.own_teeth else 0.45  # the portrait's own teeth carry their shadow
-        shade = 1.0 - ao_depth * np.exp(-np.maximum(below, 0.0) / (0.035 * r.iod))
-        reach = np.abs(bs) / max(float(np.abs(s).max()), 1e-3)
-        shade *= 1.0 - 0.45 * _smoothstep((reach - 0.55) / 0.45)
-        col *= shade[..., None].astype(np.float32)
+        bs = self._box_s32[sy0:sy1, sx0:sx1]
+        below = self._box_t32[sy0:sy1, sx0:sx1] - np.interp(bs, s, up).astype(np.float32)
+        # exp(-d/k) for d >= 0, evaluated as cv2.exp on float32 (a fraction of numpy's cost)
+        ao = cv2.exp(np.maximum(below, np.float32(0.0)) * np.float32(-1.0 / (0.035 * r.iod)))
+        shade = np.float32(1.0) - self._ao_depth * ao
+        reach = np.abs(bs) * np.float32(1.0 / max(float(np.abs(s).max()), 1e-3))
+        x = np.clip((reach - np.float32(0.55)) * np.float32(1.0 / 0.45), 0.0, 1.0)
+        shade *= np.float32(1.0) - np.float32(0.45) * x * x * (np.float32(3.0) - 2 * x)
+        col *= shade[..., None]
         # the lip edge: a feather about a pixel wide at 512 px (wider on bigger frames)
         edge = cv2.GaussianBlur(m, (0, 0), sigmaX=max(0.7, 0.009 * r.iod))[..., None]
         oy, ox = self._iy0 - self._my0 + sy0, self._ix0 - self._mx0 + sx0
