@@ -57,7 +57,7 @@ class FaceRenderer:
         self._box_s32 = self._box_s.astype(np.float32)
         self._box_t32 = self._box_t.astype(np.float32)
         # ambient occlusion under the upper lip; the portrait's own teeth carry their shadow
-        self._ao_depth = np.float32(0.25 if r.own_teeth else 0.45)
+        self._ao_depth = np.float32(0.2 if r.own_teeth else 0.3)
         self._rest_gap_px = np.maximum(r.lo_rest - r.up_rest, 0.0)
         self._rest_gap_max = float(self._rest_gap_px.max())
         s = r.s_dense
@@ -175,7 +175,7 @@ class FaceRenderer:
         shade = np.float32(1.0) - self._ao_depth * ao
         reach = np.abs(bs) * np.float32(1.0 / max(float(np.abs(s).max()), 1e-3))
         x = np.clip((reach - np.float32(0.55)) * np.float32(1.0 / 0.45), 0.0, 1.0)
-        shade *= np.float32(1.0) - np.float32(0.45) * x * x * (np.float32(3.0) - 2 * x)
+        shade *= np.float32(1.0) - np.float32(0.35) * x * x * (np.float32(3.0) - 2 * x)
         col *= shade[..., None]
         # the lip edge: a feather about a pixel wide at 512 px (wider on bigger frames)
         edge = cv2.GaussianBlur(m, (0, 0), sigmaX=max(0.7, 0.009 * r.iod))[..., None]

@@ -479,7 +479,7 @@ def _match_photo(layer: np.ndarray, photo: np.ndarray, seed: int, backdrop: np.n
             pre = cv2.GaussianBlur(np.concatenate([rgb * a, a], -1).astype(np.float32), (0, 0), sigmaX=sigma)
             pa = pre[..., 3:4]
             out = np.concatenate([pre[..., :3] / np.maximum(pa, 1e-4), pa], -1)
-        if hf(out) <= 0.8 * limit:
+        if hf(out) <= 0.9 * limit:
             break
     _match_photo.last_sigma = sigma  # for inspection
     rng = np.random.default_rng(seed)
