@@ -152,3 +152,233 @@ def test_other_output_sizes_scale_the_rig(avatar):
     assert frames.data.shape == (1, 384, 256)
     gap = _geometry(cv2.resize(_rgb(frames), (512, 512)))[0]
     assert gap > 0.15
+
+
+# ---------------------------------------------------------------------------- the open mouth
+# Measured independently of the rig's own statistics: BT.601 luma, eye whites as the 95th
+# percentile of luma inside the eye outlines, detail as the mean absolute Laplacian.
+
+
+def _luma(rgb):
+    return rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def _eye_white_luma(image, lm):
+    mask = np.zeros(image.shape[:2], np.uint8)
+    for a in (36, 42):
+        cv2.fillPoly(mask, [np.round(lm[a:a + 6]).astype(np.int32)], 1)
+    return float(np.percentile(_luma(image)[mask > 0], 95))
+
+
+def _detail(gray, mask):
+    lap = np.abs(cv2.Laplacian(gray.astype(np.float32), cv2.CV_32F, ksize=1))
+    return float(lap[mask].mean())
+
+
+def _opening_mask(renderer, coeffs, erode=2):
+    """Pixels inside the rendered lip opening (from the renderer's own lip curves), eroded."""
+    r = renderer.rig
+    s, up, lo = renderer._lip_curves(coeffs)
+    upper = r.origin + s[:, None] * r.axes[0] + up[:, None] * r.axes[1]
+    lower = r.origin + s[::-1, None] * r.axes[0] + lo[::-1, None] * r.axes[1]
+    mask = np.zeros((renderer.height, renderer.width), np.uint8)
+    cv2.fillPoly(mask, [np.round(np.vstack([upper, lower])).astype(np.int32)], 1)
+    if erode:
+        mask = cv2.erode(mask, np.ones((2 * erode + 1, 2 * erode + 1), np.uint8))
+    return mask.astype(bool)
+
+
+def _teeth_mask(renderer, coeffs, rgb, erode=0):
+    """The opening's light pixels (the teeth: the cavity and tongue are dark); ``erode``
+    keeps only pixels that far inside the teeth (their surface, not their outline)."""
+    inside = _opening_mask(renderer, coeffs)
+    y = _luma(rgb)
+    light = (inside & (y > np.percentile(y[inside], 60))).astype(np.uint8)
+    if erode:
+        light = cv2.erode(light, np.ones((2 * erode + 1, 2 * erode + 1), np.uint8))
+    return light.astype(bool)
+
+
+def _skin_ring(renderer, lm):
+    """Cheeks and chin around the mouth (lips excluded)."""
+    face = np.zeros((renderer.height, renderer.width), np.uint8)
+    cv2.fillPoly(face, [np.round(np.vstack([lm[3:14], lm[[35, 33, 31]]])).astype(np.int32)], 1)
+    lips = np.zeros_like(face)
+    cv2.fillPoly(lips, [np.round(lm[48:60]).astype(np.int32)], 1)
+    lips = cv2.dilate(lips, np.ones((15, 15), np.uint8))
+    return (face > 0) & (lips == 0)
+
+
+@pytest.fixture(scope="module")
+def closed_avatar(renderer, tmp_path_factory):
+    """A closed-lip portrait: the bundled (smiling) one rendered with its lips shut, detected
+    afresh. It shows no teeth, so an open mouth gets synthesized ones."""
+    shut = _rgb(_render(renderer, jaw=0.0, lip_close=1.0))
+    d = tmp_path_factory.mktemp("closed")
+    cv2.imwrite(str(d / "shut.png"), cv2.cvtColor(shut, cv2.COLOR_RGB2BGR))
+    av, _ = precompute_avatar(load_image(d / "shut.png"), cache=AvatarCache(d / "cache", "test"))
+    return av
+
+
+@pytest.fixture(scope="module")
+def closed_renderer(closed_avatar):
+    img = np.asarray(closed_avatar.image)
+    return FaceRenderer(img, build_mouth_rig(img, closed_avatar.landmarks))
+
+
+@pytest.fixture(scope="module")
+def soft_renderer(closed_avatar):
+    """The closed-lip portrait as a soft, low-detail photo (an upscaled webcam still, say)."""
+    img = cv2.GaussianBlur(np.asarray(closed_avatar.image), (0, 0), sigmaX=2.0)
+    return FaceRenderer(img, build_mouth_rig(img, closed_avatar.landmarks))
+
+
+def test_closed_portrait_gets_synthesized_teeth_and_smiling_one_its_own(renderer, closed_renderer):
+    assert renderer.rig.own_teeth == 1.0
+    assert closed_renderer.rig.own_teeth == 0.0
+
+
+def test_own_teeth_are_the_portraits(renderer, avatar):
+    """A portrait that smiles with teeth keeps them when the mouth opens (not a synthesized
+    set): the teeth in the opening have the colour of the teeth in the photo."""
+    lm = np.asarray(avatar.landmarks, np.float64)
+    rest = np.zeros(renderer.image.shape[:2], np.uint8)
+    cv2.fillPoly(rest, [np.round(lm[60:68]).astype(np.int32)], 1)
+    rest = cv2.erode(rest, np.ones((3, 3), np.uint8)).astype(bool)
+    y0 = _luma(renderer.image)
+    photo_teeth = renderer.image[rest & (y0 > np.percentile(y0[rest], 50))].astype(np.float64).mean(0)
+    rgb = _rgb(_render(renderer, jaw=0.5))
+    got = rgb[_teeth_mask(renderer, renderer.coefficients(0.5, 0.0, 0.0), rgb)].astype(np.float64).mean(0)
+    assert np.all(np.abs(got - photo_teeth) < 25.0), (got, photo_teeth)
+
+
+@pytest.mark.parametrize("which", ["closed_renderer", "soft_renderer"])
+def test_teeth_never_brighter_than_the_eye_whites(which, request, closed_avatar):
+    r = request.getfixturevalue(which)
+    lm = np.asarray(closed_avatar.landmarks, np.float64)
+    limit = _eye_white_luma(r.image, lm)
+    for jaw in (0.4, 0.8, 1.0):
+        rgb = _rgb(_render(r, jaw=jaw))
+        coeffs = r.coefficients(jaw, 0.0, 0.0)
+        teeth = _luma(rgb)[_teeth_mask(r, coeffs, rgb)]
+        assert teeth.size > 20
+        assert np.percentile(teeth, 95) <= limit + 2.0, (jaw, np.percentile(teeth, 95), limit)
+
+
+def _sharpness(gray, mask):
+    """Detail at 1 px relative to detail at 4 px (high-pass residuals of Gaussian blurs):
+    independent of contrast, it drops when edges are soft and rises with crisp edges or
+    grain."""
+    g = gray.astype(np.float32)
+    h1 = np.abs(g - cv2.GaussianBlur(g, (0, 0), sigmaX=1.0))
+    h4 = np.abs(g - cv2.GaussianBlur(g, (0, 0), sigmaX=4.0))
+    return float(h1[mask].mean() / max(h4[mask].mean(), 1e-6))
+
+
+@pytest.mark.parametrize("which", ["closed_renderer", "soft_renderer"])
+def test_teeth_never_sharper_than_the_face_around_them(which, request, closed_avatar):
+    r = request.getfixturevalue(which)
+    lm = np.asarray(closed_avatar.landmarks, np.float64)
+    ring = _skin_ring(r, lm)
+    # the teeth texture itself (composited over the cavity, as painted) is no sharper than the
+    # skin around the mouth
+    layer = r.rig.upper_teeth
+    opaque = layer[..., 3] > 0.6
+    assert opaque.sum() > 20
+    painted = layer[..., :3] * layer[..., 3:4] + r.rig.cavity * (1 - layer[..., 3:4])
+    assert _sharpness(_luma(painted), opaque) <= 1.05 * _sharpness(_luma(r.image), ring)
+    # ... and in the rendered frame the teeth's edges are no crisper than the face's
+    rgb = _rgb(_render(r, jaw=0.8))
+    surface = _teeth_mask(r, r.coefficients(0.8, 0.0, 0.0), rgb, erode=1)
+    assert surface.sum() > 20
+    teeth, face = _sharpness(_luma(rgb), surface), _sharpness(_luma(r.image), ring)
+    assert teeth <= face, (teeth, face)
+
+
+def test_soft_portrait_gets_softer_teeth(closed_renderer, soft_renderer):
+    def detail(r):
+        rgb = _rgb(_render(r, jaw=0.8))
+        return _detail(_luma(rgb), _teeth_mask(r, r.coefficients(0.8, 0.0, 0.0), rgb))
+
+    assert detail(soft_renderer) < 0.7 * detail(closed_renderer)
+
+
+def _lip_stats(rgb):
+    """Mean Cb/Cr of the lip tissue and the upper lip's thickness (iod), from dlib landmarks
+    found on the rendered frame."""
+    _, lm = default_detector().find_face(rgb)
+    iod = np.linalg.norm(lm[36:42].mean(0) - lm[42:48].mean(0))
+    outer = np.zeros(rgb.shape[:2], np.uint8)
+    cv2.fillPoly(outer, [np.round(lm[48:60]).astype(np.int32)], 1)
+    inner = np.zeros_like(outer)
+    cv2.fillPoly(inner, [np.round(lm[60:68]).astype(np.int32)], 1)
+    inner = cv2.dilate(inner, np.ones((5, 5), np.uint8))
+    tissue = (outer > 0) & (inner == 0)
+    ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb).astype(np.float64)
+    chroma = ycc[tissue][:, 1:].mean(0)
+    upper = np.mean([np.linalg.norm(lm[a] - lm[b]) for a, b in ((50, 61), (51, 62), (52, 63))]) / iod
+    return chroma, upper
+
+
+def test_lips_keep_their_colour_and_thickness_when_open(renderer):
+    closed_chroma, closed_upper = _lip_stats(_rgb(_render(renderer, jaw=0.0)))
+    for jaw in (0.5, 0.9):
+        chroma, upper = _lip_stats(_rgb(_render(renderer, jaw=jaw)))
+        assert np.all(np.abs(chroma - closed_chroma) < 6.0), (jaw, chroma, closed_chroma)
+        assert upper > 0.7 * closed_upper, (jaw, upper, closed_upper)
+
+
+def test_mouth_interior_is_darker_at_the_corners(renderer):
+    jaw = 0.8
+    rgb = _rgb(_render(renderer, jaw=jaw))
+    coeffs = renderer.coefficients(jaw, 0.0, 0.0)
+    r = renderer.rig
+    s, up, lo = renderer._lip_curves(coeffs)
+    y = _luma(rgb)
+
+    def along(frac):
+        """Mean luma over the gap's middle half at horizontal position frac of the half-width."""
+        k = int(np.argmin(np.abs(s - frac * np.abs(s).max())))
+        ts = np.linspace(up[k], lo[k], 9)[2:7]
+        pts = r.origin + s[k] * r.axes[0] + ts[:, None] * r.axes[1]
+        return float(np.mean([y[int(round(py)), int(round(px))] for px, py in pts]))
+
+    centre = along(0.0)
+    corners = max(along(-0.85), along(0.85))
+    assert corners < 0.75 * centre, (corners, centre)
+
+
+def test_labiodental_raises_the_lower_lip_to_the_upper_teeth(renderer):
+    one = lambda v: np.array([v], np.float32)  # noqa: E731
+    z = one(0.0)
+    plain = _rgb(renderer.render(0, one(0.3), z, z, z, z))
+    fv = _rgb(renderer.render(0, one(0.3), z, z, z, z, labiodental=one(1.0)))
+    closed = _rgb(_render(renderer, jaw=0.0))
+    _, lm_plain = default_detector().find_face(plain)
+    _, lm_fv = default_detector().find_face(fv)
+    iod = renderer.rig.iod
+    # the lower lip (inner and outer centre) sits higher than with the jaw alone
+    assert lm_fv[66, 1] < lm_plain[66, 1] - 0.03 * iod, (lm_fv[66, 1], lm_plain[66, 1])
+    assert lm_fv[57, 1] < lm_plain[57, 1] - 0.03 * iod
+    # ... and the mouth is not simply shut: the upper teeth show
+    coeffs = renderer.coefficients(0.3, 0.0, 0.0, 1.0)
+    gap = _opening_mask(renderer, coeffs, erode=0)
+    assert gap.sum() > 30
+    assert _luma(fv)[gap].mean() > _luma(closed)[gap].mean() - 40
+
+
+def test_teeth_track_shows_more_teeth_but_never_opens_a_shut_mouth(renderer):
+    one = lambda v: np.array([v], np.float32)  # noqa: E731
+    z = one(0.0)
+    plain = renderer.render(0, one(0.4), z, z, z, z).data
+    shown = renderer.render(0, one(0.4), z, z, z, z, teeth=one(1.0)).data
+    assert not np.array_equal(plain, shown)
+    _, lm_plain = default_detector().find_face(_rgb(renderer.render(0, one(0.4), z, z, z, z)))
+    _, lm_shown = default_detector().find_face(_rgb(renderer.render(0, one(0.4), z, z, z, z, teeth=one(1.0))))
+    assert lm_shown[62, 1] < lm_plain[62, 1] - 1.0, "the upper lip rises off the teeth"
+    # a pause (jaw 0) or a bilabial press stays the closed mouth, whatever the teeth and
+    # labiodental tracks say
+    shut = renderer.render(0, z, z, z, z, z).data
+    assert np.array_equal(renderer.render(0, z, z, z, z, z, teeth=one(1.0)).data, shut)
+    pressed = renderer.render(0, one(0.5), z, one(1.0), z, z, labiodental=one(1.0), teeth=one(1.0)).data
+    assert np.array_equal(pressed, renderer.render(0, one(0.5), z, one(1.0), z, z).data)

@@ -51,7 +51,8 @@ class ClassicSession(RenderSession):
             b = min(len(m), a + RENDER_BATCH)
             t1 = time.perf_counter()
             frames = self.renderer.render(chunk.first_frame + a, m.jaw[a:b], m.lip_round[a:b], m.lip_close[a:b],
-                                          m.blink[a:b], m.brow[a:b], None if self.still else m.head[a:b])
+                                          m.blink[a:b], m.brow[a:b], None if self.still else m.head[a:b],
+                                          labiodental=m.labiodental[a:b], teeth=m.teeth[a:b])
             self.last_times["render"] += time.perf_counter() - t1
             yield frames
 

@@ -17,8 +17,10 @@ from ...types import Frames
 from .rig import (
     JAW_LOWER,
     JAW_UPPER,
+    LIFT_UPPER,
     ROUND_IN,
     SPREAD_OUT,
+    TUCK_LOWER,
     MouthRig,
 )
 
@@ -52,6 +54,10 @@ class FaceRenderer:
         rel = np.stack([gx, gy], -1) - r.origin
         self._box_s = rel @ r.axes[0]
         self._box_t = rel @ r.axes[1]
+        self._box_s32 = self._box_s.astype(np.float32)
+        self._box_t32 = self._box_t.astype(np.float32)
+        # ambient occlusion under the upper lip; the portrait's own teeth carry their shadow
+        self._ao_depth = np.float32(0.2 if r.own_teeth else 0.3)
         self._rest_gap_px = np.maximum(r.lo_rest - r.up_rest, 0.0)
         self._rest_gap_max = float(self._rest_gap_px.max())
         s = r.s_dense
@@ -60,6 +66,8 @@ class FaceRenderer:
         corner = 0.05 * r.iod
         self._jaw_up = -(JAW_UPPER * r.iod) * prof + corner * (1 - prof)
         self._jaw_lo = (JAW_LOWER * r.iod) * prof + corner * (1 - prof)
+        self._lift_up = -(LIFT_UPPER * r.iod) * prof
+        self._tuck_lo = -(TUCK_LOWER * r.iod) * prof
         self._head_weight: np.ndarray | None = None
         self._mouth_cache: OrderedDict[bytes, tuple] = OrderedDict()
         self._eye_cache: OrderedDict[bytes, tuple] = OrderedDict()
@@ -69,10 +77,19 @@ class FaceRenderer:
         self._lash = 0.03 * r.iod
 
     # ------------------------------------------------------------------ coefficients
-    def coefficients(self, jaw: float, lip_close: float, lip_round: float) -> np.ndarray:
-        """Basis weights (jaw, close, round, spread) for one frame's mouth controls."""
+    def coefficients(self, jaw: float, lip_close: float, lip_round: float, labiodental: float = 0.0,
+                     teeth: float = 0.0) -> np.ndarray:
+        """Basis weights (jaw, close, round, spread, lift, tuck) for one frame's mouth controls.
+
+        ``labiodental`` (0..1) brings the lower lip up under the upper teeth instead of
+        dropping it with the jaw (F/V): the upper lip lifts, the lower lip tucks. ``teeth``
+        (0..1) lifts the upper lip off the teeth, only as far as the mouth is open (so a shut
+        mouth stays shut whatever the track says).
+        """
         r = self.rig
-        opening = max(0.0, float(jaw)) * (1.0 - float(np.clip(lip_close, 0.0, 1.0)))
+        close = float(np.clip(lip_close, 0.0, 1.0))
+        lab = float(np.clip(labiodental, 0.0, 1.0)) * (1.0 - close)
+        opening = max(0.0, float(jaw)) * (1.0 - close) * (1.0 - lab)
         gap = opening * _OPEN_GAIN  # target inner-lip gap at the centre, iod
         if gap >= r.rest_gap:
             c_jaw = (gap - r.rest_gap) / _OPEN_GAIN
@@ -82,7 +99,8 @@ class FaceRenderer:
             c_close = (r.rest_gap - gap) / r.rest_gap if r.rest_gap > 1e-4 else 0.0
         c_round = max(0.0, float(lip_round))
         c_spread = max(0.0, -float(lip_round))
-        return np.array([c_jaw, c_close, c_round, c_spread], dtype=np.float32)
+        c_lift = max(lab, float(np.clip(teeth, 0.0, 1.0)) * min(1.0, opening / 0.15))
+        return np.array([c_jaw, c_close, c_round, c_spread, c_lift, lab], dtype=np.float32)
 
     # ------------------------------------------------------------------ mouth
     def _mouth(self, coeffs: np.ndarray) -> np.ndarray:
@@ -101,9 +119,9 @@ class FaceRenderer:
 
     def _lip_curves(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         r = self.rig
-        c_jaw, c_close, c_round, c_spread = (float(c) for c in coeffs)
-        up = r.up_rest + c_jaw * self._jaw_up + c_close * 0.4 * self._rest_gap_px
-        lo = r.lo_rest + c_jaw * self._jaw_lo - c_close * 0.6 * self._rest_gap_px
+        c_jaw, c_close, c_round, c_spread, c_lift, c_tuck = (float(c) for c in coeffs)
+        up = r.up_rest + c_jaw * self._jaw_up + c_close * 0.4 * self._rest_gap_px + c_lift * self._lift_up
+        lo = r.lo_rest + c_jaw * self._jaw_lo - c_close * 0.6 * self._rest_gap_px + c_tuck * self._tuck_lo
         s = r.s_dense * (1.0 - ROUND_IN * c_round + SPREAD_OUT * c_spread)
         return s, up, lo
 
@@ -136,7 +154,8 @@ class FaceRenderer:
         # lower teeth and tongue ride with the jaw: shift their texture by the lower lip's
         # centre motion (sampled straight into the sub-window)
         c_jaw, c_close = float(coeffs[0]), float(coeffs[1])
-        jaw_shift = c_jaw * JAW_LOWER * r.iod - c_close * 0.6 * self._rest_gap_max
+        jaw_shift = (c_jaw * JAW_LOWER * r.iod - c_close * 0.6 * self._rest_gap_max
+                     - float(coeffs[5]) * 0.5 * TUCK_LOWER * r.iod)
         dx, dy = jaw_shift * r.axes[1]
         lower = cv2.warpAffine(r.lower_teeth, np.float32([[1, 0, dx - sx0], [0, 1, dy - sy0]]), (sw, sh),
                                flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
@@ -147,8 +166,19 @@ class FaceRenderer:
         col += (lower[..., :3] - col) * la
         upper_teeth = r.upper_teeth[sy0:sy1, sx0:sx1]
         col += (upper_teeth[..., :3] - col) * upper_teeth[..., 3:4]
-        # the lip edge itself: a one-pixel feather
-        edge = cv2.GaussianBlur(m, (3, 3), 0)[..., None]
+        # shading: ambient occlusion under the upper lip (teeth included: the lip shades their
+        # roots) and darker corners, where the cheeks close in
+        bs = self._box_s32[sy0:sy1, sx0:sx1]
+        below = self._box_t32[sy0:sy1, sx0:sx1] - np.interp(bs, s, up).astype(np.float32)
+        # exp(-d/k) for d >= 0, evaluated as cv2.exp on float32 (a fraction of numpy's cost)
+        ao = cv2.exp(np.maximum(below, np.float32(0.0)) * np.float32(-1.0 / (0.035 * r.iod)))
+        shade = np.float32(1.0) - self._ao_depth * ao
+        reach = np.abs(bs) * np.float32(1.0 / max(float(np.abs(s).max()), 1e-3))
+        x = np.clip((reach - np.float32(0.55)) * np.float32(1.0 / 0.45), 0.0, 1.0)
+        shade *= np.float32(1.0) - np.float32(0.35) * x * x * (np.float32(3.0) - 2 * x)
+        col *= shade[..., None]
+        # the lip edge: a feather about a pixel wide at 512 px (wider on bigger frames)
+        edge = cv2.GaussianBlur(m, (0, 0), sigmaX=max(0.7, 0.009 * r.iod))[..., None]
         oy, ox = self._iy0 - self._my0 + sy0, self._ix0 - self._mx0 + sx0
         box = roi[oy:oy + sh, ox:ox + sw]
         blended = box.astype(np.float32) * (1.0 - edge) + col * edge
@@ -273,18 +303,22 @@ class FaceRenderer:
                             lambda: _i420_planes(self._eyes(blink, brow)))
 
     # ------------------------------------------------------------------ frames
-    def render(self, first_frame: int, jaw, lip_round, lip_close, blink, brow, head=None) -> Frames:
-        """I420 frames for per-frame control arrays (all of length n)."""
+    def render(self, first_frame: int, jaw, lip_round, lip_close, blink, brow, head=None, *,
+               labiodental=None, teeth=None) -> Frames:
+        """I420 frames for per-frame control arrays (all of length n; ``head`` (n, 3) degrees;
+        ``labiodental`` and ``teeth`` 0..1, None meaning zeros)."""
         n = len(jaw)
         h, w = self.height, self.width
+        lab = np.zeros(n, np.float32) if labiodental is None else np.asarray(labiodental, np.float32)
+        tee = np.zeros(n, np.float32) if teeth is None else np.asarray(teeth, np.float32)
         out = np.empty((n, h * 3 // 2, w), np.uint8)
         out[:] = self.base_yuv
         if head is not None and np.any(np.abs(head) > 1e-3):
-            return self._render_moving(first_frame, out, jaw, lip_round, lip_close, blink, brow, head)
+            return self._render_moving(first_frame, out, jaw, lip_round, lip_close, blink, brow, head, lab, tee)
         blink_q = np.round(np.asarray(blink, np.float64) * EYE_STEPS) / EYE_STEPS
         brow_q = np.round(np.asarray(brow, np.float64) * EYE_STEPS) / EYE_STEPS
         for i in range(n):
-            coeffs = _quantize(self.coefficients(jaw[i], lip_close[i], lip_round[i]))
+            coeffs = _quantize(self.coefficients(jaw[i], lip_close[i], lip_round[i], lab[i], tee[i]))
             if np.any(coeffs > 0):
                 _paste_planes(out[i], self.mouth_patch(coeffs), self._mx0, self._my0, h, w)
             eyes = self.eye_patch(float(blink_q[i]), float(brow_q[i]))
@@ -292,12 +326,12 @@ class FaceRenderer:
                 _paste_planes(out[i], eyes, self._eye[0], self._eye[1], h, w)
         return Frames(first_index=first_frame, data=out, pixel_format="yuv420p")
 
-    def _render_moving(self, first_frame, out, jaw, lip_round, lip_close, blink, brow, head) -> Frames:
+    def _render_moving(self, first_frame, out, jaw, lip_round, lip_close, blink, brow, head, lab, tee) -> Frames:
         """Still mode off: compose in RGB, move the head, convert the whole frame."""
         mx0, my0, mx1, my1 = self._mx0, self._my0, self._mx1, self._my1
         ex0, ey0, ex1, ey1 = self._eye
         for i in range(len(jaw)):
-            coeffs = _quantize(self.coefficients(jaw[i], lip_close[i], lip_round[i]))
+            coeffs = _quantize(self.coefficients(jaw[i], lip_close[i], lip_round[i], lab[i], tee[i]))
             frame = self.image.copy()
             if np.any(coeffs > 0):
                 frame[my0:my1, mx0:mx1] = self._mouth(coeffs)
@@ -313,10 +347,15 @@ class FaceRenderer:
 # Quantization of the per-frame mouth weights (jaw, close, round, spread). One jaw step moves the
 # lower lip by 0.37/64 iod (under a pixel at 512x512): invisible, and it lets the patch cache
 # serve repeated shapes.
-_QUANT = np.array([64.0, 32.0, 24.0, 24.0], np.float32)
+_QUANT = np.array([64.0, 32.0, 24.0, 24.0, 16.0, 16.0], np.float32)
 EYE_STEPS = 20
 MOUTH_CACHE_SIZE = 192  # ~100 KB each at 512x512
 EYE_CACHE_SIZE = 64
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3 - 2 * x)
 
 
 def _quantize(coeffs: np.ndarray) -> np.ndarray:

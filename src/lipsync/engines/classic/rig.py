@@ -32,7 +32,7 @@ from scipy.interpolate import PchipInterpolator, RBFInterpolator
 from ...fsutil import atomic_write
 from ...types import Avatar
 
-RIG_VERSION = "3"
+RIG_VERSION = "4"
 
 # Motion basis amplitudes, in inter-ocular distances (iod). At jaw=1 the inner-lip gap grows by
 # JAW_LOWER + JAW_UPPER = 0.37 iod, a wide "AA"; ordinary speech uses a third to a half of that.
@@ -45,9 +45,18 @@ ROUND_PROTRUDE = 0.025  # ... and thicken the lips (iod)
 SPREAD_OUT = 0.10  # spread vowels pull the corners out by this fraction of the half-width
 SPREAD_LIFT = 0.015  # ... and up a little (iod)
 BROW_LIFT = 0.07  # brow raise at brow=1 (iod)
+LIFT_UPPER = 0.06  # "lift" basis: the upper lip rises off the upper teeth by this much (iod)
+TUCK_LOWER = 0.02  # "tuck" basis: the lower lip rises and tucks under the upper teeth (F/V)
 
 # Basis order in ``MouthRig.fields``.
-BASES = ("jaw", "close", "round", "spread")
+BASES = ("jaw", "close", "round", "spread", "lift", "tuck")
+
+# Appearance limits for synthesized teeth, relative to measurements of the portrait (see
+# ``photo_stats``): teeth are never brighter than this fraction of the eye whites' luminance,
+# and never sharper (``sharpness``: fine detail relative to coarse) than this fraction of the
+# skin around the mouth.
+TEETH_MAX_OF_EYE_WHITE = 0.95
+TEETH_MAX_OF_FACE_SHARPNESS = 1.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,9 @@ class MouthRig:
     lid_lower: np.ndarray  # (ew,) absolute y of the lower lid
     lid_top: np.ndarray  # (ew,) where the stretched lid skin starts
     brow_field: np.ndarray  # (eh, ew, 2) float32 backward displacement per unit brow raise
+    # photo measurements: [eye-white luminance (0..255), face high-frequency energy, noise sigma]
+    photo: np.ndarray
+    own_teeth: float  # 1.0 when the upper teeth layer is the portrait's own teeth, else 0.0
 
     def save(self, path: Path) -> None:
         arrays = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
@@ -268,7 +280,12 @@ def build_mouth_rig(image: np.ndarray, landmarks: np.ndarray) -> MouthRig:
     f_spread = _corner_field(st, origin, ex, ey, iod, hw_out, anchors, pix_st, grid.shape[:2],
                              inward=-SPREAD_OUT, vertical=0.0, lift=SPREAD_LIFT * iod)
 
-    stacked = np.stack([f_jaw, f_close, f_round, f_spread]).reshape(len(BASES), -1).astype(np.float32)
+    # teeth show / labiodental: the upper lip rises off the teeth (its corners stay); the lower
+    # lip rises towards the upper teeth' biting edge, the jaw barely moves
+    f_lift = lip_field(lambda s: -(LIFT_UPPER * iod) * prof(s), lambda s: 0.0 * s, 0.0, 0.0)
+    f_tuck = lip_field(lambda s: 0.0 * s, lambda s: -(TUCK_LOWER * iod) * prof(s), -0.5 * TUCK_LOWER * iod, 0.0)
+
+    stacked = np.stack([f_jaw, f_close, f_round, f_spread, f_lift, f_tuck]).reshape(len(BASES), -1).astype(np.float32)
 
     interior = _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_rest,
                                   hw_in, chin_drop)
@@ -363,6 +380,118 @@ def _corner_field(st, origin, ex, ey, iod, hw_out, anchors, pix_st, shape, *, in
 
 
 # ----------------------------------------------------------------------------- mouth interior
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma of RGB values (the weights of the encoder's own YUV conversion)."""
+    return np.asarray(rgb, np.float64)[..., :3] @ np.array([0.299, 0.587, 0.114])
+
+
+def high_frequency_energy(gray: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean absolute difference between a luma image and its Gaussian blur (sigma 1 px).
+
+    A cheap measure of fine detail (sharpness + grain): a soft or heavily compressed photo
+    scores 1-2, a crisp one 4-8. ``mask`` (bool, same shape) restricts the mean to a region.
+    """
+    g = np.asarray(gray, np.float32)
+    hf = np.abs(g - cv2.GaussianBlur(g, (0, 0), sigmaX=1.0))
+    if mask is not None:
+        hf = hf[mask]
+    return float(hf.mean()) if hf.size else 0.0
+
+
+def sharpness(gray: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Detail at 1 px relative to detail at 4 px: the mean absolute residual of a sigma-1
+    Gaussian blur over that of a sigma-4 blur. Independent of contrast (high-contrast teeth
+    against a dark mouth and low-contrast skin compare fairly); soft photos score ~0.1,
+    crisp or grainy ones 0.2-0.4.
+    """
+    g = np.asarray(gray, np.float32)
+    h1 = np.abs(g - cv2.GaussianBlur(g, (0, 0), sigmaX=1.0))
+    h4 = np.abs(g - cv2.GaussianBlur(g, (0, 0), sigmaX=4.0))
+    if mask is not None:
+        h1, h4 = h1[mask], h4[mask]
+    return float(h1.mean() / max(float(h4.mean()), 1e-6)) if h1.size else 0.0
+
+
+def photo_stats(image: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Measurements of the portrait that synthesized teeth must match.
+
+    Returns ``(eye_white_rgb, [eye_white_luma, face_hf, noise_sigma, face_sharpness])``: the mean colour of the
+    brightest 15 % of the pixels inside both eye outlines (the sclera; landmarks 36-47), the
+    high-frequency energy (``high_frequency_energy``) and ``sharpness`` of the skin around the
+    mouth (cheeks and chin, lips excluded), and the noise sigma of that skin (1.4826 x the median absolute
+    high-pass value, the robust MAD estimate).
+    """
+    h, w = image.shape[:2]
+    lum = _luma(image).astype(np.float32)
+    eyes = np.zeros((h, w), np.uint8)
+    for a in (36, 42):
+        cv2.fillPoly(eyes, [np.round(lm[a:a + 6]).astype(np.int32)], 1)
+    inside = eyes.astype(bool)
+    _, _, iod = _face_axes(lm)
+    skin_lum = float(_luma(_skin_tone(image, lm)))
+    if inside.sum() >= 6:
+        vals = lum[inside]
+        bright = vals >= np.percentile(vals, 85)
+        white_rgb = image[inside][bright].astype(np.float64).mean(0)
+    else:  # eyes too small to measure (a tiny face): a conservative guess from the skin
+        white_rgb = np.full(3, min(255.0, skin_lum * 1.1))
+    white_lum = float(_luma(white_rgb))
+    # skin around the mouth: lower face outline minus the lips (dilated) and the nose
+    face = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(face, [np.round(np.vstack([lm[3:14], lm[[35, 33, 31]]])).astype(np.int32)], 1)
+    lips = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(lips, [np.round(lm[48:60]).astype(np.int32)], 1)
+    k = max(3, int(0.08 * iod) | 1)
+    lips = cv2.dilate(lips, np.ones((k, k), np.uint8))
+    region = (face > 0) & (lips == 0)
+    if region.sum() < 50:
+        region = np.ones((h, w), bool)
+    face_hf = high_frequency_energy(lum, region)
+    hp = lum - cv2.GaussianBlur(lum, (0, 0), sigmaX=1.0)
+    noise = float(1.4826 * np.median(np.abs(hp[region] - np.median(hp[region]))))
+    return white_rgb, np.array([white_lum, face_hf, noise, sharpness(lum, region)], np.float64)
+
+
+def _match_photo(layer: np.ndarray, photo: np.ndarray, seed: int, backdrop: np.ndarray) -> np.ndarray:
+    """Soften and grain a synthesized RGBA teeth layer until its detail matches the photo.
+
+    The layer is blurred (premultiplied, so edges do not darken) with the smallest sigma that
+    brings the ``sharpness`` of the teeth, as painted over ``backdrop`` (the cavity), under
+    ``TEETH_MAX_OF_FACE_SHARPNESS`` of the face's; then the photo's own noise level is added back
+    (fixed seed: the same avatar always gets the same grain) as far as that limit allows.
+    """
+    _, _, noise, face_sharp = (float(v) for v in photo)
+    limit = TEETH_MAX_OF_FACE_SHARPNESS * face_sharp
+    rgb, a = layer[..., :3], layer[..., 3:4]
+    opaque = layer[..., 3] > 0.6
+    if not opaque.any():
+        return layer
+    # the teeth and a margin around them (their edges against the cavity count)
+    teeth = cv2.dilate(opaque.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    out = layer
+
+    def hf(lay: np.ndarray) -> float:
+        shown = lay[..., :3] * lay[..., 3:4] + backdrop * (1.0 - lay[..., 3:4])
+        return sharpness(_luma(shown), teeth)
+
+    for sigma in (0.0, 0.5, 0.8, 1.1, 1.5, 2.0, 2.8, 4.0, 5.6):
+        if sigma > 0:
+            pre = cv2.GaussianBlur(np.concatenate([rgb * a, a], -1).astype(np.float32), (0, 0), sigmaX=sigma)
+            pa = pre[..., 3:4]
+            out = np.concatenate([pre[..., :3] / np.maximum(pa, 1e-4), pa], -1)
+        if hf(out) <= 0.9 * limit:
+            break
+    _match_photo.last_sigma = sigma  # for inspection
+    rng = np.random.default_rng(seed)
+    grain = rng.standard_normal(out.shape[:2]).astype(np.float32)
+    for amp in (noise, 0.6 * noise, 0.3 * noise, 0.0):
+        trial = out.copy()
+        trial[..., :3] += (amp * grain)[..., None]
+        if hf(trial) <= limit:
+            return trial
+    return out
+
+
 def _skin_tone(image: np.ndarray, lm: np.ndarray) -> np.ndarray:
     """Median RGB of the cheeks (between eye and mouth corner on each side)."""
     samples = []
@@ -391,7 +520,7 @@ def _teeth_layer(s, v, sn, iod, colour, length, brightness, seams=0.28, scale=1.
     # each tooth is convex: brighter in its middle, a soft dark seam between neighbours
     shade = 1.0 - 0.10 * u ** 2 - seams * np.exp(-((1 - np.abs(u)) / 0.08) ** 2)
     # shadow under the lip at the root side, slightly translucent (greyer) biting edge
-    shade = shade * (0.62 + 0.38 * _smoothstep(v * 2.5)) * (1 - 0.12 * _smoothstep((v - 0.75) * 4))
+    shade = shade * (0.8 + 0.2 * _smoothstep(v * 2.5)) * (1 - 0.12 * _smoothstep((v - 0.75) * 4))
     # teeth further back sit in the shade of the cheeks
     shade = shade * (1.0 - 0.55 * np.clip(np.abs(sn), 0, 1) ** 2) * brightness
     # rounded biting edge per tooth; back teeth are shorter
@@ -399,6 +528,23 @@ def _teeth_layer(s, v, sn, iod, colour, length, brightness, seams=0.28, scale=1.
     alpha = _smoothstep(v * 8) * _smoothstep((edge - v) * 10) * _smoothstep((0.96 - np.abs(sn)) / 0.2)
     rgb = colour * shade[..., None]
     return np.concatenate([rgb, alpha[..., None]], axis=-1)
+
+
+def _shows_teeth(image: np.ndarray, lm: np.ndarray, eye_white_luma: float) -> bool:
+    """Whether the portrait's own teeth show between its lips (inner-lip outline 60-67).
+
+    Teeth pixels are light and nearly grey: luma above 0.7 x the eye whites' and saturation
+    ((max - min) / max of RGB) under 0.4. A parted mouth showing only dark cavity or lip
+    does not count: its "teeth" would be a dark band.
+    """
+    mask = np.zeros(image.shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(lm[60:68]).astype(np.int32)], 1)
+    px = image[mask > 0].astype(np.float64)
+    if len(px) < 8:
+        return False
+    sat = (px.max(1) - px.min(1)) / np.maximum(px.max(1), 1.0)
+    toothy = (_luma(px) > 0.7 * eye_white_luma) & (sat < 0.4)
+    return float(toothy.mean()) > 0.25
 
 
 def _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_rest, hw_in, chin_drop):
@@ -434,7 +580,12 @@ def _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_
     cav = inner + (outer - inner) * _smoothstep(radial)[..., None]
     cav = cav * (1.0 - 0.35 * _smoothstep(1.0 - depth * 4))[..., None]  # shadow under the top teeth
 
-    teeth_colour = np.array([222.0, 214.0, 196.0]) * min(1.05, 0.55 + 0.45 * light)
+    # Teeth take the colour of the eye whites (the same light and white balance), a little
+    # warmer, and at most TEETH_MAX_OF_EYE_WHITE of their luminance: teeth brighter than the
+    # sclera are what makes a synthesized mouth read as dentures.
+    white_rgb, photo = photo_stats(image, lm)
+    teeth_colour = np.asarray(white_rgb, np.float64) * np.array([1.0, 0.97, 0.9])
+    teeth_colour *= TEETH_MAX_OF_EYE_WHITE * photo[0] / max(float(_luma(teeth_colour)), 1e-3)
 
     # Jaw layer: tongue (a soft, lighter red mound) and the lower teeth, both riding the jaw.
     tongue_v = (t - (lo_at - 0.13 * iod)) / (0.12 * iod)
@@ -445,10 +596,12 @@ def _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_
     la = lower_teeth[..., 3:4]
     jaw_rgb = tongue_rgb * (1 - la) + lower_teeth[..., :3] * la
     jaw_a = np.maximum(tongue_a, lower_teeth[..., 3])
-    jaw_layer = np.concatenate([jaw_rgb, jaw_a[..., None]], axis=-1)
+    jaw_layer = _match_photo(np.concatenate([jaw_rgb, jaw_a[..., None]], axis=-1), photo, seed=1,
+                             backdrop=cav)
 
     rest_gap = lo_rest - up_rest
-    if float(np.max(rest_gap)) > 0.035 * iod:
+    own = float(np.max(rest_gap)) > 0.035 * iod and _shows_teeth(image, lm, photo[0])
+    if own:
         # The portrait's own teeth (and whatever shows between the lips at rest). When the upper
         # lip lifts above its rest line, the teeth continue upwards: sample the top rows again.
         gap_at = np.maximum(lo_at - up_at, 1e-3)
@@ -463,13 +616,16 @@ def _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_
         upper = np.concatenate([img, alpha[..., None]], axis=-1)
     else:
         upper_v = (t - (up_at - 0.03 * iod)) / (0.125 * iod)
-        upper = _teeth_layer(s, upper_v, sn, iod, teeth_colour, 1.0, 1.0)
+        upper = _match_photo(_teeth_layer(s, upper_v, sn, iod, teeth_colour, 1.0, 1.0), photo, seed=2,
+                             backdrop=cav)
 
     return dict(
         ibox=np.asarray(box, np.int32),
         cavity=cav.astype(np.float32),
         upper_teeth=upper.astype(np.float32),
         lower_teeth=jaw_layer.astype(np.float32),
+        photo=photo.astype(np.float64),
+        own_teeth=float(own),
     )
 
 
