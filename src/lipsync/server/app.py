@@ -246,6 +246,9 @@ def create_app(
     app.state.metrics_registry = metrics_registry(runtime.stats_snapshot, lambda: runtime.ready)
     install_error_handlers(app)
     app.include_router(router)
+    from .web import include_web  # the page at / and the avatar media it uses (issue 9)
+
+    include_web(app)
     _accurate_multipart_schemas(app)
     # Added last = outermost: request ids and stats see everything, including 413s.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)

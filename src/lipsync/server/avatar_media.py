@@ -1,0 +1,149 @@
+"""Avatar media for the web page: a thumbnail, a loopable idle clip, and "make default".
+
+- ``GET /avatars/{id}/image``: a small JPEG of the cached aligned crop (the face as it is
+  animated), read through the ``AvatarCache`` (verified against its manifest).
+- ``GET /avatars/{id}/idle.mp4?seconds=N``: the avatar at rest, looping without a jump (see
+  ``lipsync.idle``); rendered on the job queue on first request, then served from the cache.
+- ``POST /avatars/{id}/default``: makes a cached avatar the default one, from its stored source
+  bytes (the same as ``POST /precompute`` with that image, without sending it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import cv2
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+
+from .. import idle
+from ..errors import AvatarNotFound, JobTimeout
+from .app import get_runtime
+from .errors import error_responses
+from .schemas import AVATAR_ID_PATTERN, PrecomputeOut
+
+router = APIRouter(tags=["avatars"])
+
+#: Thumbnail edge bounds and default (pixels).
+THUMB_MIN, THUMB_MAX, THUMB_DEFAULT = 32, 512, 192
+JPEG_QUALITY = 85
+
+AvatarIdParam = Annotated[str, PathParam(pattern=AVATAR_ID_PATTERN, description="An avatar id (SHA-256).")]
+
+
+def _not_found(avatar_id: str) -> AvatarNotFound:
+    return AvatarNotFound(f"no avatar with id {avatar_id!r}", avatar_id=avatar_id)
+
+
+@router.get(
+    "/avatars/{avatar_id}/image",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "JPEG thumbnail of the aligned face crop"},
+        **error_responses(404, 422, 503),
+    },
+)
+def avatar_image(
+    request: Request,
+    avatar_id: AvatarIdParam,
+    size: Annotated[int, Query(ge=THUMB_MIN, le=THUMB_MAX, description="Edge of the square thumbnail.")] = (
+        THUMB_DEFAULT
+    ),
+) -> Response:
+    """A ``size`` x ``size`` JPEG thumbnail of the avatar's aligned face crop."""
+    rt = get_runtime(request)
+    pipeline = rt.require_ready()
+    avatar = pipeline.cache.load(avatar_id)
+    if avatar is None:
+        raise _not_found(avatar_id)
+    rgb = np.ascontiguousarray(avatar.image)
+    interp = cv2.INTER_AREA if size < rgb.shape[0] else cv2.INTER_CUBIC
+    small = cv2.resize(rgb, (size, size), interpolation=interp)
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:  # pragma: no cover - cv2 encodes any uint8 image
+        raise RuntimeError("JPEG encoding of the thumbnail failed")
+    # The id is the SHA-256 of the portrait: its crop never changes while the entry exists.
+    return Response(jpeg.tobytes(), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get(
+    "/avatars/{avatar_id}/idle.mp4",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "H.264 MP4 without audio whose last frame equals its first"},
+        **error_responses(404, 422, 503, 504),
+    },
+)
+async def avatar_idle(
+    request: Request,
+    avatar_id: AvatarIdParam,
+    seconds: Annotated[
+        float, Query(ge=idle.MIN_SECONDS, le=idle.MAX_SECONDS, description="Loop length in seconds.")
+    ] = 4.0,
+    expression_scale: Annotated[
+        float | None, Query(ge=0.0, le=3.0, description="Brows/head motion strength.")
+    ] = None,
+    still: Annotated[bool | None, Query(description="No head motion.")] = None,
+    blink: Annotated[bool | None, Query(description="Natural random blinks.")] = None,
+    size: Annotated[int | None, Query(ge=64, le=1024, multiple_of=2, description="Width = height.")] = None,
+) -> FileResponse:
+    """A loopable idle clip of the avatar: lips together, blinks, slight head motion unless
+    ``still``; its last frame equals its first. Cached per avatar and options."""
+    rt = get_runtime(request)
+    pipeline = rt.require_ready()
+    options = pipeline.motion_options(expression_scale=expression_scale, still=still, blink=blink, size=size)
+    timeout_s = rt.settings.request_timeout_s
+    started = time.monotonic()
+
+    def work(_token) -> idle.IdleClip:
+        return idle.idle_clip(pipeline, avatar_id, seconds=seconds, options=options)
+
+    job = rt.job_queue().submit(work)  # Busy (503 + Retry-After) when full
+    try:
+        clip = await asyncio.wait_for(asyncio.shield(job.wait_async()), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        job.token.cancel("timeout")
+        raise JobTimeout(f"the request took longer than the {timeout_s:g} s limit", limit_s=timeout_s) from None
+    return FileResponse(
+        clip.path,
+        media_type="video/mp4",
+        headers={
+            "Cache-Control": "no-cache",
+            "X-Idle-Cache": "hit" if clip.cache_hit else "miss",
+            "X-Frames": str(clip.frames),
+            "Server-Timing": f"total;dur={(time.monotonic() - started) * 1000:.1f}",
+        },
+    )
+
+
+@router.post(
+    "/avatars/{avatar_id}/default",
+    response_model=PrecomputeOut,
+    responses=error_responses(404, 422, 503, 504),
+)
+async def make_default(request: Request, avatar_id: AvatarIdParam) -> PrecomputeOut:
+    """Make a cached avatar the default one (used when a request names none)."""
+    rt = get_runtime(request)
+    pipeline = rt.require_ready()
+    timeout_s = rt.settings.request_timeout_s
+
+    def work(_token):
+        t0 = time.perf_counter()
+        data = pipeline.cache.source_bytes(avatar_id)  # AvatarNotFound if unknown
+        avatar = pipeline.precompute(data, force=False)
+        return avatar, time.perf_counter() - t0
+
+    job = rt.job_queue().submit(work)
+    try:
+        avatar, seconds = await asyncio.wait_for(asyncio.shield(job.wait_async()), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        job.token.cancel("timeout")
+        raise JobTimeout(f"the request took longer than the {timeout_s:g} s limit", limit_s=timeout_s) from None
+    rt.default_avatar_id = avatar.id
+    return PrecomputeOut(avatar_id=avatar.id, default=True, source="upload", precompute_s=round(seconds, 4))
