@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,12 +118,14 @@ def _lock_for(path: Path) -> threading.Lock:
 
 
 def idle_clip(pipeline, avatar_id: str, *, seconds: float = 4.0, options: MotionOptions | None = None,
-              crf: int | None = None, preset: str | None = None) -> IdleClip:
+              crf: int | None = None, preset: str | None = None,
+              progress: Callable[[int, int], None] | None = None) -> IdleClip:
     """The idle clip of a cached avatar (rendered and cached on the first request).
 
     ``pipeline`` is a ``LipSyncPipeline``; ``options`` its ``motion_options(...)`` (defaults from
-    settings). Raises ``AvatarNotFound`` for an unknown id, ``InvalidInput`` for ``seconds`` out
-    of range, ``JobTimeout``/engine errors as ``generate`` does.
+    settings); ``progress(done, total)`` is called after each rendered batch and may raise to stop
+    (nothing is cached then). Raises ``AvatarNotFound`` for an unknown id, ``InvalidInput`` for
+    ``seconds`` out of range, engine errors as ``generate`` does.
     """
     from .video import Mp4Writer
 
@@ -142,7 +144,7 @@ def idle_clip(pipeline, avatar_id: str, *, seconds: float = 4.0, options: Motion
         settings = pipeline.settings
 
         def rendered() -> Iterator[np.ndarray]:
-            for batch in pipeline.render_frames(silence, avatar, options):
+            for batch in pipeline.render_frames(silence, avatar, options, progress=progress):
                 fmt[0] = batch.pixel_format
                 yield from batch.data
 

@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse
 from .. import idle
 from ..errors import AvatarNotFound, JobTimeout
 from .app import get_runtime
-from .errors import error_responses
+from .errors import ClientDisconnected, JobCancelled, error_responses
 from .schemas import AVATAR_ID_PATTERN, PrecomputeOut
 
 router = APIRouter(tags=["avatars"])
@@ -101,15 +101,25 @@ async def avatar_idle(
     timeout_s = rt.settings.request_timeout_s
     started = time.monotonic()
 
-    def work(_token) -> idle.IdleClip:
-        return idle.idle_clip(pipeline, avatar_id, seconds=seconds, options=options)
+    def work(token) -> idle.IdleClip:
+        # A page that changes its options drops the clip it no longer wants: stop rendering it.
+        return idle.idle_clip(pipeline, avatar_id, seconds=seconds, options=options,
+                              progress=lambda _done, _total: token.raise_if_cancelled())
 
     job = rt.job_queue().submit(work)  # Busy (503 + Retry-After) when full
+    watcher = asyncio.create_task(_cancel_when_gone(request, job.token))
     try:
         clip = await asyncio.wait_for(asyncio.shield(job.wait_async()), timeout=timeout_s)
     except asyncio.TimeoutError:
         job.token.cancel("timeout")
         raise JobTimeout(f"the request took longer than the {timeout_s:g} s limit", limit_s=timeout_s) from None
+    except JobCancelled:
+        raise ClientDisconnected("the client disconnected; the idle clip was not rendered") from None
+    except asyncio.CancelledError:
+        job.token.cancel("client_disconnected")
+        raise
+    finally:
+        watcher.cancel()
     return FileResponse(
         clip.path,
         media_type="video/mp4",
@@ -120,6 +130,16 @@ async def avatar_idle(
             "Server-Timing": f"total;dur={(time.monotonic() - started) * 1000:.1f}",
         },
     )
+
+
+async def _cancel_when_gone(request: Request, token) -> None:
+    """Cancel the job when the client hangs up before its answer is ready."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            token.cancel("client_disconnected")
+            return
+        await asyncio.sleep(0.05)  # a GET has no body: only empty messages until a disconnect
 
 
 @router.post(

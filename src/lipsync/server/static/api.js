@@ -88,8 +88,8 @@ export async function request(url, { makeInit = () => ({}), field, onRetry } = {
     try {
       response = await fetch(url, makeInit());
     } catch (e) {
-      const err = new ApiError(0, { code: 'network', message: String(e) }, field);
-      throw err;
+      if (e?.name === 'AbortError') throw e;
+      throw new ApiError(0, { code: 'network', message: String(e) }, field);
     }
     if (response.ok) return response;
     const err = await errorFrom(response, field);

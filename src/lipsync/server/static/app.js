@@ -245,7 +245,18 @@ function setupDrop() {
 }
 
 // ------------------------------------------------------------------------------ idle loop
-async function updateIdle() {
+let idleTimer = null;
+let idleAbort = null;
+
+/** Ask for the idle clip of the current face and options, a moment after the last change (a
+ * slider drag asks once), cancelling the request for a clip no longer wanted: the server stops
+ * rendering it, so it never delays a video. */
+function updateIdle() {
+  clearTimeout(idleTimer);
+  idleTimer = setTimeout(loadIdle, 300);
+}
+
+async function loadIdle() {
   if (!state.selectedId) {
     el.idle.removeAttribute('src');
     el.note.textContent = 'Add a portrait to begin.';
@@ -255,10 +266,16 @@ async function updateIdle() {
   const url = `/avatars/${state.selectedId}/idle.mp4?${query}`;
   if (url === state.idleUrl) return;
   state.idleUrl = url;
+  idleAbort?.abort();
+  const abort = new AbortController();
+  idleAbort = abort;
   el.note.textContent = 'Preparing the face…';
   try {
-    // Ask first (the clip may take a moment to render, the server may be busy), then play.
-    const response = await request(url, { onRetry: retrying('the idle face') });
+    // Fetch first (rendering takes a moment, the server may be busy), then play from memory.
+    const response = await request(url, {
+      makeInit: () => ({ signal: abort.signal }),
+      onRetry: retrying('the idle face'),
+    });
     const blob = await response.blob();
     if (state.idleUrl !== url) return; // the choice changed meanwhile
     const old = el.idle.src;
@@ -268,6 +285,7 @@ async function updateIdle() {
     await el.idle.play().catch(() => {});
     el.note.textContent = '';
   } catch (e) {
+    if (abort.signal.aborted) return;
     if (state.idleUrl === url) {
       state.idleUrl = null;
       el.note.textContent = '';
@@ -349,6 +367,7 @@ const SERVER_NAMES = {
 
 function showSpeechVideo(on) {
   el.speech.classList.toggle('showing', on);
+  el.note.hidden = on;
 }
 
 async function generate() {
