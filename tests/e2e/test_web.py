@@ -205,6 +205,26 @@ def test_unreadable_audio_says_so(page) -> None:
     assert "recording" in text and ("could not be read" in text or "not a recording" in text), text
 
 
+def test_too_long_speech_says_the_limit(browser, server_factory) -> None:
+    server = server_factory(env={"LIPSYNC_MAX_AUDIO_SECONDS": "2"})
+    context = browser.new_context(bypass_csp=True)
+    pg = context.new_page()
+    pg.goto(f"{server.url}/")
+    pg.wait_for_function("window.lipsyncPage && window.lipsyncPage.avatars.length > 0", timeout=WAIT_MS)
+    pg.set_input_files(
+        "#audio-file",
+        files=[{"name": "speech.wav", "mimeType": "audio/wav", "buffer": bundled_sample("speech.wav").read_bytes()}],
+    )
+    pg.wait_for_function("window.lipsyncPage.speech !== null", timeout=WAIT_MS)
+    assert "10.2 s" in pg.text_content("#speech-info")
+    pg.click("#generate")
+    pg.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+    assert "too long: the limit is 2 seconds" in pg.text_content("#error")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(ARTIFACTS / "too-long.png"), full_page=True)
+    context.close()
+
+
 def test_busy_server_is_retried_and_said(page) -> None:
     """A 503 busy with Retry-After (the first answer only) is retried, and the page says so."""
     pg = page

@@ -433,7 +433,12 @@ async function generate() {
     say(run.mode === 'mse' ? 'Done: the video streamed while it rendered.' : 'Done.');
   } catch (e) {
     showSpeechVideo(false);
-    showError(e);
+    if (e instanceof ApiError) {
+      showError(e);
+    } else {
+      console.error(e);
+      showError(new Error('The video stopped part-way: the connection to the server was lost or the server gave up. Please try again.'));
+    }
   } finally {
     state.generating = false;
     updateGenerate();
