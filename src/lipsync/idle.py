@@ -12,7 +12,10 @@ so the tail's partner frames R[0..k-1] are the very frames that lead into the cl
 frame, and ``out[n-1] == out[0]`` exactly (before encoding): a player that loops the clip shows
 no jump, only the motion the engine made. The cross-fade ("video texture" loop, as in Schödl et
 al., *Video Textures*, SIGGRAPH 2000, which cross-fades where a loop cannot be cut cleanly)
-spans ``CROSSFADE_SECONDS``.
+spans ``CROSSFADE_SECONDS``. A plain cross-fade of two head positions shows a double image, so
+the blend is a flow-guided morph: dense optical flow (Farnebäck, OpenCV) between the two
+frames, each warped part of the way towards the other before they are mixed, the way
+frame-interpolation and morphing cross-dissolves avoid ghosting.
 
 Clips are written atomically into the avatar's engine directory of the ``AvatarCache`` (so they
 go when the avatar is deleted or the engine's precompute version changes), keyed by the options
@@ -34,7 +37,7 @@ from .fsutil import atomic_write
 from .types import AudioClip, Frames, MotionOptions
 
 #: Bumped whenever the clip a given key produces changes.
-IDLE_VERSION = "1"
+IDLE_VERSION = "2"
 #: Bounds on the clip length the HTTP endpoint accepts (seconds).
 MIN_SECONDS = 1.0
 MAX_SECONDS = 10.0
@@ -83,12 +86,54 @@ def idle_key(engine_name: str, options: MotionOptions, seconds: float) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def loop_frames(rendered: Iterator[np.ndarray], n: int, k: int) -> Iterator[np.ndarray]:
+Blend = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
+
+
+def linear_blend(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
+    """``(1 - w) a + w b``, rounded, for uint8 frames of any layout."""
+    mixed = (1.0 - w) * a.astype(np.float32) + w * b.astype(np.float32)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def morph_blend(a: np.ndarray, b: np.ndarray, w: float, *, pixel_format: str = "rgb24") -> np.ndarray:
+    """A flow-guided cross-dissolve of two frames (``w`` = 0 gives ``a``, 1 gives ``b``).
+
+    Dense flow F from ``a`` to ``b`` (Farnebäck on grey, half resolution), then ``a`` is warped
+    by ``w F`` and ``b`` by ``-(1 - w) F`` so both show the in-between position, and mixed.
+    ``pixel_format`` is ``rgb24`` ((H, W, 3)) or ``yuv420p`` ((H * 3 / 2, W) planar I420).
+    """
+    import cv2
+
+    if w <= 0.0:
+        return a
+    if w >= 1.0:
+        return b
+    yuv = pixel_format == "yuv420p"
+    ra = cv2.cvtColor(a, cv2.COLOR_YUV2RGB_I420) if yuv else a
+    rb = cv2.cvtColor(b, cv2.COLOR_YUV2RGB_I420) if yuv else b
+    h, wd = ra.shape[:2]
+    ga = cv2.cvtColor(np.ascontiguousarray(ra), cv2.COLOR_RGB2GRAY)
+    gb = cv2.cvtColor(np.ascontiguousarray(rb), cv2.COLOR_RGB2GRAY)
+    small = (max(16, wd // 2), max(16, h // 2))
+    flow = cv2.calcOpticalFlowFarneback(cv2.resize(ga, small, interpolation=cv2.INTER_AREA),
+                                        cv2.resize(gb, small, interpolation=cv2.INTER_AREA),
+                                        None, 0.5, 3, 15, 3, 5, 1.2, 0)
+    flow = cv2.resize(flow, (wd, h), interpolation=cv2.INTER_LINEAR) * np.float32(wd / small[0])
+    ys, xs = np.mgrid[0:h, 0:wd].astype(np.float32)
+    fx, fy = flow[..., 0], flow[..., 1]
+    wa = cv2.remap(ra, xs - w * fx, ys - w * fy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    wb = cv2.remap(rb, xs + (1.0 - w) * fx, ys + (1.0 - w) * fy, cv2.INTER_LINEAR,
+                   borderMode=cv2.BORDER_REPLICATE)
+    mixed = linear_blend(wa, wb, w)
+    return cv2.cvtColor(mixed, cv2.COLOR_RGB2YUV_I420) if yuv else mixed
+
+
+def loop_frames(rendered: Iterator[np.ndarray], n: int, k: int, blend: Blend = linear_blend) -> Iterator[np.ndarray]:
     """The loop ``out[0..n-1]`` from ``n + k - 1`` rendered frames (see the module docstring).
 
-    Frames are arrays of any one layout (RGB or planar I420): the blend is per sample. Holds only
-    the first ``k`` frames in memory. The weight follows a smoothstep so the fade starts and ends
-    without a kink.
+    Frames are arrays of one layout; ``blend(frame, partner, w)`` mixes them (default: per
+    sample). Holds only the first ``k`` frames in memory. The weight follows a smoothstep so the
+    fade starts and ends without a kink; the last frame is the first one, exactly.
     """
     head: list[np.ndarray] = []
     for r, frame in enumerate(rendered):
@@ -102,14 +147,11 @@ def loop_frames(rendered: Iterator[np.ndarray], n: int, k: int) -> Iterator[np.n
         if j < n - k:
             yield frame
             continue
-        t = (j - (n - k)) / (k - 1)
-        w = t * t * (3.0 - 2.0 * t)
         if j == n - 1:
             yield head[k - 1]  # exactly the first frame
             continue
-        partner = head[j - n + k]
-        mixed = (1.0 - w) * frame.astype(np.float32) + w * partner.astype(np.float32)
-        yield np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+        t = (j - (n - k)) / (k - 1)
+        yield blend(frame, head[j - n + k], t * t * (3.0 - 2.0 * t))
 
 
 def _lock_for(path: Path) -> threading.Lock:
@@ -156,7 +198,10 @@ def idle_clip(pipeline, avatar_id: str, *, seconds: float = 4.0, options: Motion
                            preset=preset or settings.preset) as writer:
                 pending: list[np.ndarray] = []
                 written = 0
-                for frame in loop_frames(rendered(), n, k):
+                def blend(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
+                    return morph_blend(a, b, w, pixel_format=fmt[0])
+
+                for frame in loop_frames(rendered(), n, k, blend):
                     pending.append(frame)
                     if len(pending) == _BATCH:
                         writer.write(Frames(written, np.stack(pending), fmt[0]))

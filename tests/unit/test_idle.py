@@ -15,7 +15,9 @@ from lipsync.idle import (
     idle_clip,
     idle_frame_counts,
     idle_key,
+    linear_blend,
     loop_frames,
+    morph_blend,
 )
 from lipsync.types import MotionOptions
 
@@ -49,6 +51,29 @@ def test_loop_frames_fade_is_monotone_towards_the_head() -> None:
     assert all(b <= a for a, b in zip(tail, tail[1:]))
     steps = np.abs(np.diff(out + [out[0]]))
     assert steps.max() <= 2 * (n + k) / (k - 1) + 1
+
+
+@pytest.mark.parametrize("pixel_format", ["rgb24", "yuv420p"])
+def test_morph_blend_moves_instead_of_doubling(pixel_format: str) -> None:
+    """Half-way between a face and the same face 4 px to the right, the morph shows it 2 px to
+    the right (a plain cross-fade shows both, half-transparent)."""
+    import cv2
+
+    from lipsync.pipeline import bundled_sample
+
+    rgb = cv2.cvtColor(cv2.imread(str(bundled_sample("portrait.png"))), cv2.COLOR_BGR2RGB)
+    a, b, half = rgb, np.roll(rgb, 4, axis=1), np.roll(rgb, 2, axis=1)
+    if pixel_format == "yuv420p":
+        a, b, half = (cv2.cvtColor(x, cv2.COLOR_RGB2YUV_I420) for x in (a, b, half))
+    assert morph_blend(a, b, 0.0, pixel_format=pixel_format) is a
+    assert morph_blend(a, b, 1.0, pixel_format=pixel_format) is b
+    inner = (slice(40, -40), slice(40, -40))
+    morph = morph_blend(a, b, 0.5, pixel_format=pixel_format)
+    linear = linear_blend(a, b, 0.5)
+    assert morph.shape == a.shape and morph.dtype == np.uint8
+    err_morph = np.abs(morph[inner].astype(float) - half[inner]).mean()
+    err_linear = np.abs(linear[inner].astype(float) - half[inner]).mean()
+    assert err_morph < 0.75 * err_linear, (err_morph, err_linear)
 
 
 def test_frame_counts_and_bounds() -> None:

@@ -265,6 +265,7 @@ async function loadIdle() {
   const query = new URLSearchParams({ seconds: String(IDLE_SECONDS), ...options() });
   const url = `/avatars/${state.selectedId}/idle.mp4?${query}`;
   if (url === state.idleUrl) return;
+  if (state.generating) return; // asked again when the video is done
   state.idleUrl = url;
   idleAbort?.abort();
   const abort = new AbortController();
@@ -277,6 +278,7 @@ async function loadIdle() {
       onRetry: retrying('the idle face'),
     });
     const blob = await response.blob();
+    idleAbort = null;
     if (state.idleUrl !== url) return; // the choice changed meanwhile
     const old = el.idle.src;
     el.idle.src = URL.createObjectURL(blob);
@@ -375,6 +377,12 @@ async function generate() {
   clearError();
   state.generating = true;
   updateGenerate();
+  if (idleAbort) {
+    // An idle clip still rendering would hold the worker: drop it, ask again afterwards.
+    idleAbort.abort();
+    idleAbort = null;
+    state.idleUrl = null;
+  }
   el.download.setAttribute('aria-disabled', 'true');
   el.download.tabIndex = -1;
   el.replay.disabled = true;
@@ -442,6 +450,7 @@ async function generate() {
   } finally {
     state.generating = false;
     updateGenerate();
+    updateIdle();
   }
 }
 
