@@ -70,8 +70,8 @@ def idle_frame_counts(seconds: float, fps: int) -> tuple[int, int]:
         raise InvalidInput(
             f"seconds must be between {MIN_SECONDS:g} and {MAX_SECONDS:g}", field="seconds"
         )
-    n = max(2, int(round(float(seconds) * fps)))
-    k = max(2, min(int(round(CROSSFADE_SECONDS * fps)), n // 2))
+    n = max(2, round(float(seconds) * fps))
+    k = max(2, min(round(CROSSFADE_SECONDS * fps), n // 2))
     return n, k
 
 
@@ -182,7 +182,7 @@ def idle_clip(pipeline, avatar_id: str, *, seconds: float = 4.0, options: Motion
             return IdleClip(path=path, frames=n, fps=options.fps, cache_hit=True)
         rate = int(engine.sample_rate)
         total = n + k - 1
-        silence = AudioClip(np.zeros(int(round(total * rate / options.fps)), dtype=np.float32), rate)
+        silence = AudioClip(np.zeros(round(total * rate / options.fps), dtype=np.float32), rate)
         settings = pipeline.settings
 
         def rendered() -> Iterator[np.ndarray]:

@@ -11,6 +11,7 @@ tests skip with the reason, except in CI (``CI`` set) where they fail.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -283,7 +284,7 @@ def test_idle_clip_loops_without_a_jump(page, web_server) -> None:
     middle = _psnr(frames[0], frames[len(frames) // 2])
     assert loop >= 36.0, loop  # equal up to H.264 noise
     assert middle < loop - 6.0, (middle, loop)  # alive: the head moved in between
-    steps = [float(np.abs(a - b).mean()) for a, b in zip(frames, frames[1:])]
+    steps = [float(np.abs(a - b).mean()) for a, b in itertools.pairwise(frames)]
     assert float(np.abs(frames[-1] - frames[0]).mean()) <= 1.5 * max(steps)
 
 
@@ -335,6 +336,8 @@ def test_whole_flow_with_the_keyboard_alone(page, web_server) -> None:
     _tab_to(pg, "#still")
     pg.keyboard.press("Space")
     assert not pg.is_checked("#still")
+    pg.keyboard.press("Space")
+    assert pg.is_checked("#still")
     _tab_to(pg, "#blink")
     _tab_to(pg, "#size")
 
@@ -417,3 +420,38 @@ def test_page_and_media_endpoints(web_server) -> None:
         assert again.headers["x-idle-cache"] == "hit" and again.content == first.content
         frames = _decode(first.content)
         assert len(frames) == 25 and frames[0].shape == (128, 128, 3)
+
+
+def test_idle_clip_abandoned_by_its_client_stops_rendering(web_server) -> None:
+    """The page drops idle clips it no longer wants; the server then stops rendering them (the
+    worker is free again for a video) and caches nothing half-made."""
+    import time
+
+    import av
+
+    default_id = httpx.get(f"{web_server.url}/avatars", timeout=30).json()["default_id"]
+    params = {"seconds": 10, "size": 1024, "still": "false", "expression_scale": 2.5}
+    endpoint = "GET /avatars/{avatar_id}/idle.mp4"
+
+    def disconnects(stats: dict) -> int:
+        counts = stats["requests"]["by_endpoint"].get(endpoint, {"failed": {}})
+        return int(counts["failed"].get("client_disconnected", 0))
+
+    settle = time.monotonic() + 120
+    while web_server.stats()["queue"]["in_flight"] and time.monotonic() < settle:
+        time.sleep(0.1)  # pages of earlier tests may still have an idle clip rendering
+    before = disconnects(web_server.stats())
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{web_server.url}/avatars/{default_id}/idle.mp4", params=params, timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 120
+    stats = web_server.stats()
+    while (stats["queue"]["in_flight"] or disconnects(stats) == before) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the job stops at its next batch; the request is counted when it ends
+        stats = web_server.stats()
+    assert stats["queue"]["in_flight"] == 0
+    assert disconnects(stats) == before + 1, stats["requests"]["by_endpoint"].get(endpoint)
+    clips = list(web_server.cache_dir.rglob("idle-*")) + list(web_server.cache_dir.rglob(".idle-*"))
+    assert not [p.name for p in clips if p.suffix != ".mp4"], clips  # no half-written temp file
+    for path in clips:  # only clips other tests finished (at most 512 px): not the abandoned one
+        with av.open(str(path)) as c:
+            assert c.streams.video[0].codec_context.width <= 512, path.name

@@ -3,6 +3,8 @@ the first; the real classic pipeline renders, encodes and caches them per avatar
 
 from __future__ import annotations
 
+import itertools
+
 import av
 import numpy as np
 import pytest
@@ -48,7 +50,7 @@ def test_loop_frames_fade_is_monotone_towards_the_head() -> None:
     out = [int(f[0, 0, 0]) for f in loop_frames(iter(_ramp_frames(n + k - 1)), n, k)]
     tail = out[n - k :]
     # a ramp's tail blends down towards the head's value step by step: no jump anywhere
-    assert all(b <= a for a, b in zip(tail, tail[1:]))
+    assert all(b <= a for a, b in itertools.pairwise(tail))
     steps = np.abs(np.diff(out + [out[0]]))
     assert steps.max() <= 2 * (n + k) / (k - 1) + 1
 
@@ -132,7 +134,7 @@ def test_classic_idle_clip_loops_moves_and_is_cached(classic) -> None:
     assert loop >= 36.0, loop
     assert middle < loop - 6.0, (middle, loop)
     # the jump at the loop point is no bigger than the ordinary frame-to-frame motion
-    steps = [np.abs(a - b).mean() for a, b in zip(frames, frames[1:])]
+    steps = [np.abs(a - b).mean() for a, b in itertools.pairwise(frames)]
     assert np.abs(frames[-1] - frames[0]).mean() <= 1.5 * max(steps)
     again = idle_clip(pipe, avatar.id, seconds=2, options=options)
     assert again.cache_hit and again.path == clip.path
