@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .avatar.cache import validate_avatar_id
 from .errors import AvatarNotFound, InvalidInput
 from .fsutil import atomic_write
+from .options import EncoderOptions
 from .types import AudioClip, Frames, MotionOptions
 
 #: Bumped whenever the clip a given key produces changes.
@@ -160,12 +162,12 @@ def _lock_for(path: Path) -> threading.Lock:
 
 
 def idle_clip(pipeline, avatar_id: str, *, seconds: float = 4.0, options: MotionOptions | None = None,
-              crf: int | None = None, preset: str | None = None,
+              encoder: EncoderOptions | None = None,
               progress: Callable[[int, int], None] | None = None) -> IdleClip:
     """The idle clip of a cached avatar (rendered and cached on the first request).
 
     ``pipeline`` is a ``LipSyncPipeline``; ``options`` its ``motion_options(...)`` (defaults from
-    settings); ``progress(done, total)`` is called after each rendered batch and may raise to stop
+    settings); ``encoder`` defaults to ``settings.encoder``; ``progress(done, total)`` is called after each rendered batch and may raise to stop
     (nothing is cached then). Raises ``AvatarNotFound`` for an unknown id, ``InvalidInput`` for
     ``seconds`` out of range, engine errors as ``generate`` does.
     """
@@ -173,7 +175,7 @@ def idle_clip(pipeline, avatar_id: str, *, seconds: float = 4.0, options: Motion
 
     options = options if options is not None else pipeline.motion_options()
     n, k = idle_frame_counts(seconds, options.fps)
-    avatar = pipeline.get_avatar(avatar_id)
+    avatar = pipeline.get_avatar(validate_avatar_id(avatar_id))  # AvatarNotFound if malformed
     engine = pipeline.engine
     directory = pipeline.cache.engine_dir(avatar.id, engine.name, engine.precompute_version)
     path = directory / f"idle-{idle_key(engine.name, options, seconds)}.mp4"
@@ -194,8 +196,7 @@ def idle_clip(pipeline, avatar_id: str, *, seconds: float = 4.0, options: Motion
 
         def write(tmp: Path) -> None:
             with Mp4Writer(tmp, width=options.size, height=options.size, fps=options.fps, audio=None,
-                           crf=crf if crf is not None else settings.crf,
-                           preset=preset or settings.preset) as writer:
+                           encoder=encoder or settings.encoder) as writer:
                 pending: list[np.ndarray] = []
                 written = 0
                 def blend(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Avatar media for the web page: a thumbnail, a loopable idle clip, and "make default".
 
 - ``GET /avatars/{id}/image``: a small JPEG of the cached aligned crop (the face as it is
-  animated), read through the ``AvatarCache`` (verified against its manifest).
+  animated), from the pipeline's verified avatar cache entry.
 - ``GET /avatars/{id}/idle.mp4?seconds=N``: the avatar at rest, looping without a jump (see
   ``lipsync.idle``); rendered on the job queue on first request, then served from the cache.
 - ``POST /avatars/{id}/default``: makes a cached avatar the default one, from its stored source
@@ -21,9 +21,10 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from .. import idle
-from ..errors import AvatarNotFound, JobTimeout
-from .app import get_runtime
+from ..errors import JobTimeout
+from ..types import AvatarId
 from .errors import ClientDisconnected, JobCancelled, error_responses
+from .runtime import get_runtime
 from .schemas import AVATAR_ID_PATTERN, PrecomputeOut
 
 router = APIRouter(tags=["avatars"])
@@ -33,10 +34,6 @@ THUMB_MIN, THUMB_MAX, THUMB_DEFAULT = 32, 512, 192
 JPEG_QUALITY = 85
 
 AvatarIdParam = Annotated[str, PathParam(pattern=AVATAR_ID_PATTERN, description="An avatar id (SHA-256).")]
-
-
-def _not_found(avatar_id: str) -> AvatarNotFound:
-    return AvatarNotFound(f"no avatar with id {avatar_id!r}", avatar_id=avatar_id)
 
 
 @router.get(
@@ -58,9 +55,7 @@ def avatar_image(
     """A ``size`` x ``size`` JPEG thumbnail of the avatar's aligned face crop."""
     rt = get_runtime(request)
     pipeline = rt.require_ready()
-    avatar = pipeline.cache.load(avatar_id)
-    if avatar is None:
-        raise _not_found(avatar_id)
+    avatar = pipeline.get_avatar(AvatarId(avatar_id))  # AvatarNotFound (404) if unknown
     rgb = np.ascontiguousarray(avatar.image)
     interp = cv2.INTER_AREA if size < rgb.shape[0] else cv2.INTER_CUBIC
     small = cv2.resize(rgb, (size, size), interpolation=interp)
@@ -103,8 +98,8 @@ async def avatar_idle(
 
     def work(token) -> idle.IdleClip:
         # A page that changes its options drops the clip it no longer wants: stop rendering it.
-        return idle.idle_clip(pipeline, avatar_id, seconds=seconds, options=options,
-                              progress=lambda _done, _total: token.raise_if_cancelled())
+        return pipeline.idle_clip(AvatarId(avatar_id), seconds=seconds, options=options,
+                                  progress=lambda _done, _total: token.raise_if_cancelled())
 
     job = rt.job_queue().submit(work)  # Busy (503 + Retry-After) when full
     watcher = asyncio.create_task(_cancel_when_gone(request, job.token))
@@ -155,8 +150,7 @@ async def make_default(request: Request, avatar_id: AvatarIdParam) -> Precompute
 
     def work(_token):
         t0 = time.perf_counter()
-        data = pipeline.cache.source_bytes(avatar_id)  # AvatarNotFound if unknown
-        avatar = pipeline.precompute(data, force=False)
+        avatar = pipeline.make_default(AvatarId(avatar_id))  # AvatarNotFound if unknown
         return avatar, time.perf_counter() - t0
 
     job = rt.job_queue().submit(work)
