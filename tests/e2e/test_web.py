@@ -367,6 +367,29 @@ def test_whole_flow_with_the_keyboard_alone(page, web_server) -> None:
     assert _avatar_ids(web_server) == [original_default]
 
 
+def test_the_page_works_under_its_own_content_security_policy(browser, web_server) -> None:
+    """No bypass here: the whole flow with the CSP the server sends, and no violation reported."""
+    context = browser.new_context()
+    context.grant_permissions(["microphone"], origin=web_server.url)
+    pg = context.new_page()
+    messages: list[str] = []
+    pg.on("console", lambda m: messages.append(m.text))
+    pg.on("pageerror", lambda e: messages.append(f"page error: {e}"))
+    pg.goto(f"{web_server.url}/")
+    pg.wait_for_selector("#gallery .pick img", timeout=WAIT_MS)
+    pg.wait_for_selector("#idle-video[data-source]", state="attached", timeout=WAIT_MS)
+    pg.click("#record")
+    pg.wait_for_selector("#record[aria-pressed='true']", timeout=WAIT_MS)
+    pg.click("#record")
+    pg.wait_for_selector("#generate:not([disabled])", timeout=WAIT_MS)
+    pg.click("#generate")
+    pg.wait_for_selector("#speech-video.showing", timeout=WAIT_MS)
+    pg.wait_for_selector("#download[aria-disabled='false']", timeout=WAIT_MS)
+    violations = [m for m in messages if "Content Security Policy" in m or "page error" in m]
+    assert not violations, violations
+    context.close()
+
+
 def test_phone_width_has_no_sideways_scroll(browser, web_server) -> None:
     context = browser.new_context(bypass_csp=True, viewport={"width": 360, "height": 740}, is_mobile=True)
     pg = context.new_page()
