@@ -278,7 +278,7 @@ async function loadIdle() {
       onRetry: retrying('the idle face'),
     });
     const blob = await response.blob();
-    idleAbort = null;
+    if (idleAbort === abort) idleAbort = null;
     if (state.idleUrl !== url) return; // the choice changed meanwhile
     const old = el.idle.src;
     el.idle.src = URL.createObjectURL(blob);
@@ -320,9 +320,12 @@ async function toggleRecording() {
     el.record.textContent = 'Stop';
     say('Recording… press Stop when you are done.');
   } catch (e) {
-    showError(e.name === 'NotAllowedError'
-      ? new Error('The microphone is blocked. Allow it in the browser, or choose a recording file instead.')
-      : e);
+    const words = {
+      NotAllowedError: 'The microphone is blocked. Allow it in the browser, or choose a recording file instead.',
+      NotFoundError: 'No microphone was found. Connect one, or choose a recording file instead.',
+      NotReadableError: 'The microphone is in use by another program. Close it, or choose a recording file instead.',
+    }[e?.name];
+    showError(words ? new Error(words) : e);
   }
 }
 

@@ -34,8 +34,11 @@ export class Recorder {
   }
 
   async start() {
+    if (!window.isSecureContext) {
+      throw new Error('Browsers allow the microphone only on https:// pages or on this machine (localhost). Choose a recording file instead.');
+    }
     if (!navigator.mediaDevices?.getUserMedia || typeof MediaRecorder === 'undefined') {
-      throw new Error('This browser cannot record from a microphone here. Choose a recording file instead.');
+      throw new Error('This browser cannot record from a microphone. Choose a recording file instead.');
     }
     this.stream = await navigator.mediaDevices.getUserMedia({
       audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
