@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .avatar.cache import AvatarCache, AvatarInfo
     from .avatar.detect import FaceDetector
     from .engines.base import Engine
+    from .idle import IdleClip
 
 AudioSource = bytes | str | os.PathLike
 #: A portrait file: its bytes (uploads) or a path on this machine (the caller's own file).
@@ -183,6 +184,17 @@ class LipSyncPipeline:
             # keep the bytes, not the caller's (maybe temporary) upload
             self._default_source = self.cache.source_bytes(avatar.id)
         return avatar
+
+    def make_default(self, avatar_id: AvatarId) -> Avatar:
+        """Make a cached avatar the default (from its stored portrait; AvatarNotFound if unknown)."""
+        return self.precompute(self.cache.source_bytes(avatar_id), force=False)
+
+    def idle_clip(self, avatar_id: AvatarId, *, seconds: float, options: MotionOptions | None = None,
+                  progress: Progress | None = None) -> IdleClip:
+        """A loopable idle clip of a cached avatar, rendered from silence and cached (``lipsync.idle``)."""
+        from .idle import idle_clip
+
+        return idle_clip(self, avatar_id, seconds=seconds, options=options, progress=progress)
 
     def resolve_avatar(self, ref: AvatarRef) -> tuple[Avatar, bool]:
         """(avatar, cache hit) for an ``AvatarRef``.

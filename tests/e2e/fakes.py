@@ -155,6 +155,30 @@ class FakePipeline:
         self.default_id = avatar.id
         return avatar
 
+    def make_default(self, avatar_id: AvatarId) -> Avatar:
+        avatar = self.get_avatar(avatar_id)
+        self.default_id = avatar.id
+        return avatar
+
+    def idle_clip(self, avatar_id: AvatarId, *, seconds: float, options: MotionOptions | None = None,
+                  progress=None):
+        """A stand-in clip file (not a video): waits on ``render_gate`` like a render does."""
+        from lipsync.idle import IdleClip, idle_frame_counts
+
+        self.get_avatar(avatar_id)
+        options = options or self.settings.request
+        n, _k = idle_frame_counts(seconds, options.fps)
+        self.calls.append("idle")
+        self.renders_started.release()
+        self.render_gate.wait(30)
+        if progress is not None:
+            progress(n, n)
+        directory = Path(self.settings.cache_dir) / "fake-idle"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{avatar_id}-{n}.mp4"
+        path.write_bytes(b"fake idle clip " + str(n).encode())
+        return IdleClip(path=path, frames=n, fps=options.fps, cache_hit=False)
+
     def _resolve(self, avatar) -> tuple[Avatar, bool]:
         if avatar is None:
             return self.default_avatar(), True

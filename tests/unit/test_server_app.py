@@ -291,6 +291,9 @@ def test_malformed_avatar_ids_never_reach_the_pipeline(make_client, bad_id: str)
     pipe.delete_avatar = lambda avatar_id: seen.append(avatar_id)  # type: ignore[assignment]
     for method in ("GET", "DELETE"):
         r = client.request(method, f"/avatars/{bad_id}")
+        if r.request.url.path == "/":  # the client resolved "/avatars/.." to the web page
+            assert r.status_code == (200 if method == "GET" else 405)
+            continue
         assert r.status_code in (404, 405, 422), r.text
         assert r.json()["code"] in ("not_found", "invalid_input", "avatar_not_found", "method_not_allowed")
     r = client.post("/generate", files={"audio": ("a.wav", WAV)}, data={"avatar_id": bad_id})

@@ -20,6 +20,7 @@ from .middleware import BodyLimitMiddleware, RequestContextMiddleware
 from .routes import router
 from .runtime import PipelineFactory, ServerRuntime, ServingPipeline, default_pipeline_factory
 from .stats import metrics_registry
+from .web import include_web
 
 #: Multipart framing around the uploaded files, on top of ``max_upload_bytes`` of file content.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -73,6 +74,7 @@ def create_app(
     app.state.metrics_registry = metrics_registry(runtime.stats_snapshot, lambda: runtime.ready)
     install_error_handlers(app)
     app.include_router(router)
+    include_web(app)  # the page at / and the avatar media it uses
     _accurate_multipart_schemas(app)
     # Added last = outermost: request ids and stats see everything, including 413s.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)

@@ -406,8 +406,17 @@ async def _stream_response(
             "Cache-Control": "no-store",
             "X-Accel-Buffering": "no",
             "Content-Disposition": 'attachment; filename="lipsync.mp4"',
+            # Stage totals are unknown when the headers go out; what is known: the wait for a
+            # worker and the time to the first fragment (decode + avatar + first chunk).
+            "Server-Timing": _stream_server_timing(job),
         },
     )
+
+
+def _stream_server_timing(job: Job) -> str:
+    now = time.monotonic()
+    queue_s = (job.started_at or now) - job.submitted_at
+    return f"queue;dur={queue_s * 1000:.1f}, first_chunk;dur={(now - job.submitted_at) * 1000:.1f}"
 
 
 # ---------------------------------------------------------------------------------- precompute

@@ -27,6 +27,7 @@ from .stats import ServerStats
 
 if TYPE_CHECKING:
     from ..avatar.cache import AvatarInfo
+    from ..idle import IdleClip
 
 log = logging.getLogger("lipsync.server")
 
@@ -92,6 +93,18 @@ class ServingPipeline(Protocol):
     def delete_avatar(self, avatar_id: AvatarId) -> bool: ...
 
     def precompute(self, image: bytes | None = None, *, force: bool = True) -> Avatar: ...
+
+    # the web page's avatar media (server/avatar_media.py)
+    def make_default(self, avatar_id: AvatarId) -> Avatar: ...
+
+    def idle_clip(
+        self,
+        avatar_id: AvatarId,
+        *,
+        seconds: float,
+        options: MotionOptions | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> IdleClip: ...
 
 
 PipelineFactory = Callable[[Settings], ServingPipeline]
