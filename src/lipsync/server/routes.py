@@ -125,9 +125,20 @@ async def _run_job(
     except asyncio.CancelledError:
         job.token.cancel(CANCEL_CLIENT_GONE)
         _abandon(job, cleanup)
+        # Keep this request (and so its slot in the server's count of ongoing requests, e.g. Ray
+        # Serve's max_ongoing_requests) until the worker has actually stopped the job.
+        await _job_stopped(waiter, rt.settings.request_timeout_s)
         raise
     finally:
         watcher.cancel()
+
+
+async def _job_stopped(waiter: asyncio.Future, limit_s: float) -> None:
+    """Wait (at most ``limit_s``) until a cancelled job's worker is done with it."""
+    try:
+        await asyncio.wait_for(asyncio.shield(waiter), timeout=limit_s)
+    except BaseException:  # noqa: BLE001 - its outcome is nobody's business any more
+        pass
 
 
 def _abandon(job: Job, cleanup: Callable[[Any], None] | None) -> None:
