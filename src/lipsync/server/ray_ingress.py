@@ -30,11 +30,15 @@ class ClusterMonitoringApp:
         self.replica = replica
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("method") == "GET" and scope.get("path") in ("/stats", "/metrics"):
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a route_prefix
+            path = path[len(root):]
+        if scope["type"] == "http" and scope.get("method") == "GET" and path in ("/stats", "/metrics"):
             query = parse_qs(scope.get("query_string", b"").decode())
             if query.get("scope", [""])[0] != "replica":
                 state = await anyio.to_thread.run_sync(self.replica.cluster_state)
-                if scope["path"] == "/stats":
+                if path == "/stats":
                     response: Response = JSONResponse(cluster_view(state))
                 else:
                     response = Response(
@@ -42,7 +46,7 @@ class ClusterMonitoringApp:
                     )
                 await response(scope, receive, send)
                 return
-            if scope["path"] == "/stats":
+            if path == "/stats":
                 response = JSONResponse(self.replica.runtime.stats_snapshot())
                 await response(scope, receive, send)
                 return

@@ -86,26 +86,24 @@ class ProxyGuardMiddleware:
 
         received = 0
         overflowed = False
-        body_done = False
         started = False
         replaced = False
         finished = False
         never = asyncio.Event()
 
         async def counted_receive() -> Message:
-            nonlocal received, overflowed, body_done
-            if body_done:
-                # The body is over (or cut off): wait for the end of the request without reading
+            nonlocal received, overflowed
+            if overflowed:
+                # The body was cut off: wait for the end of the request without reading more
                 # from the client. The proxy cancels this call when the response is complete.
                 await never.wait()
+            # After a complete body this returns ``http.disconnect`` when the client hangs up,
+            # which is how the proxy learns to cancel the replica's work.
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    body_done = True
-                elif received > self.max_body_bytes:
+                if received > self.max_body_bytes and message.get("more_body", False):
                     overflowed = True
-                    body_done = True
                     # Forward what crossed the limit and end the body: the replica sees it is
                     # too large; nothing more is read from the client.
                     return {**message, "more_body": False}

@@ -253,6 +253,8 @@ class LipSyncReplicaBase:
             self._started = True
             if rt.workdir is not None:
                 (rt.workdir / OWNER_FILE).write_text(str(os.getpid()))
+            # Known to the cluster view before Serve routes anything here.
+            self.pusher.push(force=True, wait=True)
             self.pusher.start()
 
     def cluster_state(self) -> dict:
@@ -298,20 +300,29 @@ def build_app(
     options: RayServeOptions | None = None,
     *,
     engines: dict[str, str] | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    resources: dict[str, float] | None = None,
     **knobs: Any,
 ):
     """A bound Ray Serve application (pass it to ``serve.run``).
 
     Only the settings fields set explicitly on ``settings`` travel to the replicas; the rest is
     read from ``LIPSYNC_*`` on each replica's node. ``knobs`` override ``options`` fields
-    (``num_replicas=2``, ``max_replicas=4``...). ``engines`` registers extra engines on the replicas.
+    (``num_replicas=2``, ``max_replicas=4``...). ``engines`` registers extra engines on the replicas;
+    ``runtime_env`` is the replicas' Ray runtime environment (e.g. ``{"env_vars": {...}}``) and
+    ``resources`` custom Ray resources each replica needs (e.g. to pin it to some nodes).
     """
     options = options or RayServeOptions()
     if knobs:
         options = RayServeOptions(**{**options.model_dump(exclude_unset=True), **knobs})
     explicit = settings.model_dump(exclude_unset=True) if settings is not None else {}
     reference = settings or Settings()
-    deployment = replica_deployment().options(**deployment_options(options, reference))
+    deployment_kw = deployment_options(options, reference)
+    if runtime_env:
+        deployment_kw["ray_actor_options"]["runtime_env"] = runtime_env
+    if resources:
+        deployment_kw["ray_actor_options"]["resources"] = resources
+    deployment = replica_deployment().options(**deployment_kw)
     return deployment.bind(explicit, options.max_ongoing_requests, options.shared_avatars, engines)
 
 
