@@ -343,3 +343,13 @@ def test_avatar_uploaded_on_one_node_is_found_and_deleted_from_another(tmp_path)
     # The store survives an actor restart (its directory is read back).
     c, _ = b.add_avatar(b"another portrait")
     assert ClusterState(str(tmp_path / "store")).get_avatar(c.id) == b"another portrait"
+
+
+def test_cluster_view_is_per_application(tmp_path) -> None:
+    state = ClusterState(str(tmp_path))
+    state.report("a", {"app": "one"}, _snap(5, {}))
+    state.report("b", {"app": "two"}, _snap(2, {}))
+    state.retire("b")
+    assert cluster_view(state.cluster("one"))["requests"]["served"] == 5
+    assert cluster_view(state.cluster("two"))["requests"]["served"] == 2
+    assert cluster_view(state.cluster())["requests"]["served"] == 7

@@ -179,23 +179,25 @@ class ClusterState:
     def retire(self, replica: str) -> None:
         entry = self._replicas.pop(replica, None)
         if entry is not None:
-            self._retired[replica] = _counters_only(entry["snapshot"])
+            self._retired[replica] = {"app": entry["info"].get("app"), "stats": _counters_only(entry["snapshot"])}
 
     def _expire(self) -> None:
         now = time.monotonic()
         for replica in [r for r, e in self._replicas.items() if now - e["at"] > REPLICA_EXPIRY_S]:
             self.retire(replica)
 
-    def cluster(self) -> dict:
-        """Live replicas (info + snapshot + seconds since the report) and retired replicas."""
+    def cluster(self, app: str | None = None) -> dict:
+        """Live replicas (info + snapshot + seconds since the report) and retired replicas' stats,
+        of one Serve application (``info["app"]``) or of all."""
         self._expire()
         now = time.monotonic()
         return {
             "replicas": {
                 r: {**e["info"], "report_age_s": round(now - e["at"], 3), "stats": e["snapshot"]}
                 for r, e in sorted(self._replicas.items())
+                if app is None or e["info"].get("app") == app
             },
-            "retired": list(self._retired.values()),
+            "retired": [e["stats"] for e in self._retired.values() if app is None or e["app"] == app],
         }
 
 

@@ -192,11 +192,11 @@ def _replica_identity() -> tuple[str, dict]:
 
     try:
         ctx = serve.get_replica_context()
-        replica = ctx.replica_id.unique_id
+        replica, app = ctx.replica_id.unique_id, ctx.app_name
     except Exception:  # outside Serve (tests)
-        replica = f"pid{os.getpid()}"
+        replica, app = f"pid{os.getpid()}", None
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-    return replica, {"node_id": node, "pid": os.getpid(), "host": os.uname().nodename}
+    return replica, {"app": app, "node_id": node, "pid": os.getpid(), "host": os.uname().nodename}
 
 
 class LipSyncReplicaBase:
@@ -261,7 +261,7 @@ class LipSyncReplicaBase:
         import ray
 
         self.pusher.push(force=True, wait=True)
-        return ray.get(self.cluster.cluster.remote(), timeout=30)
+        return ray.get(self.cluster.cluster.remote(self.info.get("app")), timeout=30)
 
     def __del__(self) -> None:
         # Serve calls this after the app's lifespan shutdown (jobs drained): a final stats push.
