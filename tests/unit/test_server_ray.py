@@ -78,6 +78,19 @@ def test_fixed_replicas_and_timeout_default() -> None:
         RayServeOptions(min_replicas=5, max_replicas=2)
 
 
+def test_only_explicit_settings_are_forced_on_replicas(monkeypatch, tmp_path) -> None:
+    from lipsync.server.ray_serve import explicit_overrides
+
+    monkeypatch.setenv("LIPSYNC_CACHE_DIR", str(tmp_path / "driver-cache"))
+    monkeypatch.setenv("LIPSYNC_ENGINE", "classic")
+    # Read from the driver's environment: left for each node's own environment.
+    assert explicit_overrides(Settings()) == {}
+    # Given in code / on the command line: forced.
+    got = explicit_overrides(Settings(engine="sadtalker", port=7100))
+    assert got == {"engine": "sadtalker", "port": 7100}
+    assert explicit_overrides(None) == {}
+
+
 def test_shipped_config_is_valid_and_on_port_7002() -> None:
     pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
     from ray.serve.schema import ServeDeploySchema
@@ -217,6 +230,7 @@ def test_proxy_passes_small_bodies_and_app_answers() -> None:
         (503, [], 503, "not_ready", "5"),  # Serve: no replica available
         (408, [], 504, "timeout", None),  # Serve: http_options.request_timeout_s
         (500, [], 503, "replica_unavailable", "1"),
+        (404, [], 503, "not_ready", "5"),  # Serve: no application on the path (deleted on shutdown)
     ],
 )
 def test_proxy_errors_become_api_json(status, headers, want_status, want_code, retry) -> None:

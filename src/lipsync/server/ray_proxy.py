@@ -17,7 +17,8 @@ already taken it. This middleware runs *inside the proxy* (Serve loads it from t
   ``max_queued_requests`` (503) becomes ``busy`` with Retry-After, the proxy's
   ``request_timeout_s`` (408) becomes 504 ``timeout``, no replica available becomes 503
   ``not_ready``, and a request whose replica died before answering becomes 503
-  ``replica_unavailable`` with Retry-After.
+  ``replica_unavailable`` with Retry-After; the proxy's own 404 (no application on the path:
+  not deployed yet or being deleted on shutdown) becomes 503 ``not_ready``.
 """
 
 from __future__ import annotations
@@ -170,6 +171,13 @@ def _map_proxy_error(status: int, headers: MutableHeaders) -> tuple[Message, Mes
             )
         return _json_message(
             503, "not_ready", "no replica is ready to take the request; retry shortly", {"Retry-After": "5"}
+        )
+    if status == 404:
+        # The proxy's own 404: no application serves this path (not deployed yet, or deleted
+        # while shutting down). The app's own 404s carry X-Error-Code and never get here.
+        return _json_message(
+            503, "not_ready", "no application is serving this path (starting or shutting down); retry",
+            {"Retry-After": "5"},
         )
     if status == 408:
         return _json_message(

@@ -295,6 +295,22 @@ def replica_deployment():
     return _DEPLOYMENT
 
 
+def explicit_overrides(settings: Settings | None) -> dict[str, Any]:
+    """The settings fields to force on every replica: those set in code or on the command line.
+
+    Values the driver merely read from its own ``LIPSYNC_*`` environment are left out, so each
+    replica reads its own node's environment (cache directory, engine, device...).
+    """
+    if settings is None:
+        return {}
+    from_env = Settings()
+    return {
+        k: v
+        for k, v in settings.model_dump(mode="json", exclude_unset=True).items()
+        if k not in from_env.model_fields_set or getattr(from_env, k) != getattr(settings, k)
+    }
+
+
 def build_app(
     settings: Settings | None = None,
     options: RayServeOptions | None = None,
@@ -306,8 +322,8 @@ def build_app(
 ):
     """A bound Ray Serve application (pass it to ``serve.run``).
 
-    Only the settings fields set explicitly on ``settings`` travel to the replicas; the rest is
-    read from ``LIPSYNC_*`` on each replica's node. ``knobs`` override ``options`` fields
+    Only the settings fields set explicitly on ``settings`` (not read from the driver's
+    environment) travel to the replicas; the rest is read from ``LIPSYNC_*`` on each replica's node. ``knobs`` override ``options`` fields
     (``num_replicas=2``, ``max_replicas=4``...). ``engines`` registers extra engines on the replicas;
     ``runtime_env`` is the replicas' Ray runtime environment (e.g. ``{"env_vars": {...}}``) and
     ``resources`` custom Ray resources each replica needs (e.g. to pin it to some nodes).
@@ -315,7 +331,7 @@ def build_app(
     options = options or RayServeOptions()
     if knobs:
         options = RayServeOptions(**{**options.model_dump(exclude_unset=True), **knobs})
-    explicit = settings.model_dump(exclude_unset=True) if settings is not None else {}
+    explicit = explicit_overrides(settings)
     reference = settings or Settings()
     deployment_kw = deployment_options(options, reference)
     if runtime_env:
@@ -359,7 +375,7 @@ def run(settings: Settings | None = None, *, blocking: bool = True, **knobs: Any
 # ---------------------------------------------------------------------------------- lipsync serve --ray
 def load_config(path: str | os.PathLike | None, settings: Settings, options: RayServeOptions) -> dict:
     """A Serve deploy config (the ``serve run`` YAML schema): ``path``, or one built from the knobs."""
-    explicit = settings.model_dump(mode="json", exclude_unset=True)
+    explicit = explicit_overrides(settings)
     if path is not None:
         import yaml
 
@@ -403,7 +419,7 @@ def serve_cli(settings: Settings, config_path: str | None = None, *, address: st
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     options = RayServeOptions()
     config = ServeDeploySchema.model_validate(load_config(config_path, settings, options))
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), namespace="serve")
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, namespace="serve")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -418,6 +434,10 @@ def serve_cli(settings: Settings, config_path: str | None = None, *, address: st
         log.warning("lipsync on Ray Serve: http://%s:%s (Ctrl-C to drain and stop)", http.host, http.port)
         stop.wait()
         log.warning("stopping: draining replicas (up to their graceful_shutdown_timeout_s)")
+        # Deleting the applications first lets replicas finish their requests (Serve waits up to
+        # graceful_shutdown_timeout_s); serve.shutdown alone stops the proxies at once.
+        for app in config.applications:
+            serve.delete(app.name, _blocking=True)
     finally:
         try:
             serve.shutdown()
