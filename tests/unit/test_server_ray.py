@@ -129,7 +129,7 @@ def test_stale_workdirs_of_dead_replicas_are_removed(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------- proxy middleware
-def _run_asgi(app, scope: dict, body_chunks: list[bytes]):
+def _run_asgi(app, scope: dict, body_chunks: list[bytes], per_chunk_s: float = 0.0):
     """Drive an ASGI app with a chunked body; returns (sent messages, bytes the app pulled)."""
     sent: list[dict] = []
     pulled = {"bytes": 0, "calls": 0}
@@ -140,6 +140,7 @@ def _run_asgi(app, scope: dict, body_chunks: list[bytes]):
         async def receive():
             pulled["calls"] += 1
             if chunks:
+                await asyncio.sleep(per_chunk_s)  # a client sending at a finite rate
                 data = chunks.pop(0)
                 pulled["bytes"] += len(data)
                 return {"type": "http.request", "body": data, "more_body": bool(chunks)}
@@ -208,6 +209,31 @@ def test_proxy_stops_reading_a_chunked_body_at_the_limit() -> None:
     assert status == 413 and headers["connection"] == "close"
     # Read up to the first chunk past the limit, and not one chunk more.
     assert pulled["bytes"] == 1200 and inner.seen == 1200
+
+
+def test_proxy_stops_reading_once_the_replica_has_answered() -> None:
+    class EagerProxy:
+        """Like Serve's proxy: one task pumps the client's body while the replica answers."""
+
+        async def __call__(self, scope, receive, send):
+            async def pump():
+                while (await receive()).get("more_body"):
+                    pass
+
+            task = asyncio.create_task(pump())
+            await asyncio.sleep(0.01)
+            await send({"type": "http.response.start", "status": 400, "headers": [(b"x-error-code", b"invalid_input")]})
+            await send({"type": "http.response.body", "body": b"bad multipart", "more_body": False})
+            await asyncio.sleep(0.4)  # the response goes out while the client keeps sending
+            task.cancel()
+
+    sent, pulled = _run_asgi(
+        ProxyGuardMiddleware(EagerProxy(), max_body_bytes=10**9), _scope(), [b"x" * 1000] * 2000, per_chunk_s=0.001
+    )
+    assert sent[0]["status"] == 400
+    # The pump read freely for ~10 ms before the answer (a few dozen chunks at most); after it,
+    # nothing more was read, so the proxy never took in the other ~2 MB.
+    assert pulled["bytes"] < 150 * 1000, pulled
 
 
 def test_proxy_answers_413_even_if_the_replica_limit_is_larger() -> None:

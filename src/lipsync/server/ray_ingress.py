@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .ray_cluster import cluster_view, merge_snapshots
+from .ray_proxy import TRIM_AFTER_BYTES, release_free_memory
 from .stats import _StatsCollector
 
 
@@ -50,7 +51,23 @@ class ClusterMonitoringApp:
                 response = JSONResponse(self.replica.runtime.stats_snapshot())
                 await response(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send)
+        finally:
+            if received >= TRIM_AFTER_BYTES:
+                # Serve hands the body over in large pickled batches; give the freed heap back.
+                release_free_memory()
 
 
 class _Labelled:

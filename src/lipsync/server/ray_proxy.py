@@ -11,8 +11,10 @@ already taken it. This middleware runs *inside the proxy* (Serve loads it from t
 * counts a chunked body as it streams; at the first byte past the limit it ends the body for the
   proxy (the replica then sees an oversized, truncated body and answers 413 itself, counting it
   as ``payload_too_large``), stops reading from the client (uvicorn's flow control then pauses the
-  socket) and makes sure the client gets a 413 JSON with ``Connection: close``. At most
-  ``limit`` bytes per request are ever held, and nothing past the request's end;
+  socket) and makes sure the client gets a 413 JSON with ``Connection: close``. It also stops
+  reading a body the replica has already answered (e.g. 400 for a malformed multipart). At most
+  ``limit`` bytes per request are ever held, and after a large body the freed memory is handed
+  back to the OS (``malloc_trim``), so the proxy's RSS returns to where it was;
 * rewrites the proxy's own plain-text errors into the API's JSON shape: back-pressure beyond
   ``max_queued_requests`` (503) becomes ``busy`` with Retry-After, the proxy's
   ``request_timeout_s`` (408) becomes 504 ``timeout``, no replica available becomes 503
@@ -36,6 +38,31 @@ log = logging.getLogger("lipsync.server")
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "lipsync.server.ray_proxy:proxy_middlewares"
 ERROR_CODE_HEADER = "x-error-code"
+#: After a request whose body was at least this large, free memory is handed back to the OS.
+TRIM_AFTER_BYTES = 4 * 1024 * 1024
+
+
+def release_free_memory() -> bool:
+    """Give the C allocator's free pages back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    Large request bodies are held as many big ``bytes`` chunks; once freed, glibc keeps most of
+    that heap mapped, so the process's RSS would stay at its high-water mark for ever.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if not _malloc_trim:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+_malloc_trim = None
 
 
 def proxy_middlewares() -> list[Middleware]:
@@ -91,10 +118,17 @@ class ProxyGuardMiddleware:
         replaced = False
         finished = False
         never = asyncio.Event()
+        body_complete = [False]
+
+        def done_reading_ok() -> bool:
+            # Once the replica has answered, the rest of an unread body is not worth taking in
+            # (the proxy would otherwise queue all of it); a fully read body still lets
+            # ``receive`` report the client's disconnect.
+            return body_complete[0]
 
         async def counted_receive() -> Message:
             nonlocal received, overflowed
-            if overflowed:
+            if overflowed or (started and not done_reading_ok()):
                 # The body was cut off: wait for the end of the request without reading more
                 # from the client. The proxy cancels this call when the response is complete.
                 await never.wait()
@@ -102,6 +136,7 @@ class ProxyGuardMiddleware:
             # which is how the proxy learns to cancel the replica's work.
             message = await receive()
             if message["type"] == "http.request":
+                body_complete[0] = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes and message.get("more_body", False):
                     overflowed = True
@@ -123,7 +158,8 @@ class ProxyGuardMiddleware:
                     for m in self._too_large():
                         await send(m)
                     return
-                if overflowed:
+                if overflowed or not body_complete[0]:
+                    # Part of the body is still unread: this connection cannot carry another request.
                     headers["Connection"] = "close"
                 if ERROR_CODE_HEADER not in headers:
                     mapped = _map_proxy_error(status, headers)
@@ -140,6 +176,8 @@ class ProxyGuardMiddleware:
             await self.app(scope, counted_receive, guarded_send)
         finally:
             never.set()
+            if received >= TRIM_AFTER_BYTES:
+                release_free_memory()
         if not started:
             # The proxy gave up without answering: the replica died (or its actor was lost)
             # while handling this request.
