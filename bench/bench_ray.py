@@ -183,7 +183,7 @@ def main() -> int:
             node = ray.get_runtime_context().get_node_id()
             proxy = ray.get_actor(f"SERVE_PROXY_ACTOR-{node}", namespace="serve")
             proxy_pid = ray.get(proxy.__ray_call__.remote(lambda _s: os.getpid()))
-            rss = lambda pid: psutil.Process(pid).memory_info().rss / 2**20  # noqa: E731
+            rss = lambda pid: psutil.Process(pid).memory_info().rss / 2**20
             before = (rss(proxy_pid), rss(replica_pid))
             full_before = {n: psutil.Process(p).memory_full_info() for n, p in (("proxy", proxy_pid), ("replica", replica_pid))}
             results = []

@@ -97,7 +97,7 @@ def test_serve_ray_runs_the_shipped_config_and_drains_on_sigterm(tmp_path) -> No
         # The app is gone with its driver: nothing listens any more, no Ray process is left.
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/health", timeout=5)
-        gone, alive = psutil.wait_procs(children, timeout=60)
+        _gone, alive = psutil.wait_procs(children, timeout=60)
         assert not alive, [p.pid for p in alive]
     finally:
         if proc.poll() is None:

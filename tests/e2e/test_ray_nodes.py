@@ -24,7 +24,7 @@ import pytest
 from tests.e2e.conftest import free_port, wav_bytes
 
 if os.environ.get("CI"):
-    import ray.serve as serve
+    from ray import serve
 else:
     serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (lipsync-server[ray])")
 
@@ -85,7 +85,9 @@ def two_nodes() -> Iterator[dict]:
         address = f"127.0.0.1:{gcs_port}"
         os.environ["RAY_AUTH_MODE"] = "disabled"
         end = time.monotonic() + 180
-        while subprocess.run([RAY, "status", f"--address={address}"], env=base, capture_output=True).returncode:
+        while subprocess.run(
+            [RAY, "status", f"--address={address}"], env=base, capture_output=True, check=False
+        ).returncode:
             assert nodes[0].poll() is None and time.monotonic() < end, (root / "head.log").read_text()[-3000:]
             time.sleep(1)
         nodes.append(

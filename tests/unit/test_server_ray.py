@@ -205,7 +205,7 @@ def test_proxy_stops_reading_a_chunked_body_at_the_limit() -> None:
     inner = _Replica(limit=1000)
     chunks = [b"x" * 300] * 100  # 30 kB offered, 1 kB allowed
     sent, pulled = _run_asgi(ProxyGuardMiddleware(inner, max_body_bytes=1000), _scope(), chunks)
-    status, headers, body = _status_and_json(sent)
+    status, headers, _body = _status_and_json(sent)
     assert status == 413 and headers["connection"] == "close"
     # Read up to the first chunk past the limit, and not one chunk more.
     assert pulled["bytes"] == 1200 and inner.seen == 1200
@@ -245,7 +245,7 @@ def test_proxy_answers_413_even_if_the_replica_limit_is_larger() -> None:
 
 def test_proxy_passes_small_bodies_and_app_answers() -> None:
     inner = _Replica(limit=1000, headers=[(b"content-type", b"video/mp4")])
-    sent, pulled = _run_asgi(ProxyGuardMiddleware(inner, max_body_bytes=1000), _scope(), [b"z" * 100] * 3)
+    sent, _pulled = _run_asgi(ProxyGuardMiddleware(inner, max_body_bytes=1000), _scope(), [b"z" * 100] * 3)
     assert sent[0]["status"] == 200 and sent[1]["body"] == b"ok" and inner.seen == 300
 
 
@@ -393,3 +393,12 @@ def test_cluster_view_is_per_application(tmp_path) -> None:
     assert cluster_view(state.cluster("one"))["requests"]["served"] == 5
     assert cluster_view(state.cluster("two"))["requests"]["served"] == 2
     assert cluster_view(state.cluster())["requests"]["served"] == 7
+
+
+def test_health_check_fails_when_the_engine_breaks_after_start() -> None:
+    from lipsync.server.ray_serve import FAILING_STREAK, engine_failure
+
+    assert engine_failure((10, 0), (10, FAILING_STREAK)) is not None  # only internal errors
+    assert engine_failure((10, 0), (11, FAILING_STREAK)) is None  # something still works
+    assert engine_failure((10, 0), (10, FAILING_STREAK - 1)) is None  # not a streak yet
+    assert engine_failure((10, 2), (25, 2)) is None

@@ -15,7 +15,8 @@ What a replica guarantees:
   node* and loads the engine (raising on failure, e.g. ``LIPSYNC_ENGINE=sadtalker`` without
   checkpoints); the app's lifespan then warms it up synchronously (a real generate of silence),
   and Serve's first ``check_health`` must pass before the replica gets traffic. ``check_health``
-  keeps reporting a failed engine, so Serve shows the replica UNHEALTHY and replaces it.
+  keeps reporting a failed engine, so Serve shows the replica UNHEALTHY and replaces it; it also
+  fails when, since the last check, requests only ended in internal errors (``FAILING_STREAK``).
 * **Bounded queues.** A replica takes ``max_ongoing_requests`` (one rendering + one decoding its
   upload) and queues nothing itself; the proxy queues at most ``max_queued_requests``, beyond
   which the client gets 503 ``busy`` JSON with Retry-After (see ``ray_proxy``).
@@ -185,6 +186,21 @@ def remove_stale_workdirs(tmp: str | os.PathLike | None = None) -> list[Path]:
     return removed
 
 
+# ---------------------------------------------------------------------------------- health
+#: Internal errors with nothing served in between (across health checks) that mark an engine
+#: that broke after start-up (lost GPU, corrupted state) as unhealthy, so Serve replaces it.
+FAILING_STREAK = 3
+
+
+def engine_failure(before: tuple[int, int], now: tuple[int, int]) -> str | None:
+    """Why the replica is unhealthy, from ``(served, internal_errors)`` at two health checks."""
+    served = now[0] - before[0]
+    failed = now[1] - before[1]
+    if served == 0 and failed >= FAILING_STREAK:
+        return f"engine failing: {failed} internal errors and nothing served since the last health check"
+    return None
+
+
 # ---------------------------------------------------------------------------------- the replica
 def _replica_identity() -> tuple[str, dict]:
     import ray
@@ -193,7 +209,7 @@ def _replica_identity() -> tuple[str, dict]:
     try:
         ctx = serve.get_replica_context()
         replica, app = ctx.replica_id.unique_id, ctx.app_name
-    except Exception:  # outside Serve (tests)
+    except Exception:  # noqa: BLE001 - outside a Serve replica (tests)
         replica, app = f"pid{os.getpid()}", None
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     return replica, {"app": app, "node_id": node, "pid": os.getpid(), "host": os.uname().nodename}
@@ -235,6 +251,7 @@ class LipSyncReplicaBase:
             self.cluster, self.replica_id, self.info, self.runtime.stats_snapshot, _rss_bytes
         )
         self._started = False
+        self._health_counts = (0, 0)
 
     def __serve_build_asgi_app__(self):
         from .ray_ingress import ClusterMonitoringApp
@@ -249,6 +266,12 @@ class LipSyncReplicaBase:
             raise RuntimeError(f"lipsync replica start-up failed: {reason}")
         if rt.status == "starting":
             raise RuntimeError("lipsync replica is still loading")
+        requests = rt.stats_snapshot()["requests"]
+        now = (requests["served"], requests["failed_by_reason"].get("internal_error", 0))
+        broken = engine_failure(self._health_counts, now)
+        if broken:
+            raise RuntimeError(broken)
+        self._health_counts = now
         if not self._started:
             self._started = True
             if rt.workdir is not None:

@@ -8,6 +8,7 @@ when full.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -135,10 +136,8 @@ async def _run_job(
 
 async def _job_stopped(waiter: asyncio.Future, limit_s: float) -> None:
     """Wait (at most ``limit_s``) until a cancelled job's worker is done with it."""
-    try:
+    with contextlib.suppress(BaseException):  # its outcome is nobody's business any more
         await asyncio.wait_for(asyncio.shield(waiter), timeout=limit_s)
-    except BaseException:  # noqa: BLE001 - its outcome is nobody's business any more
-        pass
 
 
 def _abandon(job: Job, cleanup: Callable[[Any], None] | None) -> None:
