@@ -402,3 +402,14 @@ def test_health_check_fails_when_the_engine_breaks_after_start() -> None:
     assert engine_failure((10, 0), (11, FAILING_STREAK)) is None  # something still works
     assert engine_failure((10, 0), (10, FAILING_STREAK - 1)) is None  # not a streak yet
     assert engine_failure((10, 2), (25, 2)) is None
+
+
+def test_avatar_store_keeps_the_most_recently_used(tmp_path) -> None:
+    ids = [hashlib.sha256(bytes([i])).hexdigest() for i in range(3)]
+    store = ClusterState(str(tmp_path), max_entries=2)
+    store.put_avatar(ids[0], b"0")
+    store.put_avatar(ids[1], b"1")
+    assert store.get_avatar(ids[0]) == b"0"  # used: now the most recent
+    store.put_avatar(ids[2], b"2")
+    assert store.avatar_ids() == sorted([ids[0], ids[2]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ids[0], ids[2]])

@@ -4,7 +4,8 @@ Both live in one small named, detached Ray actor (``ClusterState``) that every r
 node finds by name, so:
 
 * **Avatars**: the portrait *source bytes* of every avatar are kept by the actor (and written to a
-  directory on the head node, so an actor restart loses nothing). Replicas keep their own
+  directory on the head node, ``LIPSYNC_RAY_STORE_DIR`` there, so an actor restart loses
+  nothing; the least recently used beyond ``LIPSYNC_MAX_AVATARS`` are dropped). Replicas keep their own
   node-local precompute cache (``LIPSYNC_CACHE_DIR`` on that node) and rebuild an entry from the
   source bytes on a miss. Upload, generate and delete work from any node: ``SharedAvatarPipeline``
   asks the store before trusting the local cache, so a DELETE on one node is a 404 on all.
@@ -18,6 +19,7 @@ Nothing here imports ``ray`` at module level except inside functions: the pure h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -133,12 +135,15 @@ class ClusterState:
     when the actor (re)starts.
     """
 
-    def __init__(self, store_dir: str) -> None:
-        self.store_dir = Path(store_dir)
+    def __init__(self, store_dir: str | None = None, max_entries: int | None = None) -> None:
+        # Defaults are read here, i.e. on the head node where the actor runs.
+        self.store_dir = Path(store_dir or default_store_dir())
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self._avatars: dict[str, bytes] = {}
-        for path in self.store_dir.iterdir():
-            if _ID.match(path.name) and path.is_file():
+        self.max_entries = int(max_entries or os.environ.get("LIPSYNC_MAX_AVATARS", "1000"))
+        self._avatars: dict[str, bytes] = {}  # least recently used first
+        files = [p for p in self.store_dir.iterdir() if p.is_file()]
+        for path in sorted(files, key=lambda p: p.stat().st_mtime):
+            if _ID.match(path.name):
                 self._avatars[path.name] = path.read_bytes()
             elif path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)
@@ -151,14 +156,24 @@ class ClusterState:
         if not _ID.match(avatar_id):
             raise ValueError(f"not an avatar id: {avatar_id!r}")
         if avatar_id in self._avatars:
+            self._touch(avatar_id)
             return False
         tmp = self.store_dir / f"{avatar_id}.tmp"
         tmp.write_bytes(source)
         os.replace(tmp, self.store_dir / avatar_id)
         self._avatars[avatar_id] = source
+        while len(self._avatars) > self.max_entries:  # the least recently used go, as in the caches
+            self.delete_avatar(next(iter(self._avatars)))
         return True
 
+    def _touch(self, avatar_id: str) -> None:
+        self._avatars[avatar_id] = self._avatars.pop(avatar_id)
+        with contextlib.suppress(OSError):
+            os.utime(self.store_dir / avatar_id)
+
     def get_avatar(self, avatar_id: str) -> bytes | None:
+        if avatar_id in self._avatars:
+            self._touch(avatar_id)
         return self._avatars.get(avatar_id)
 
     def has_avatar(self, avatar_id: str) -> bool:
@@ -166,7 +181,8 @@ class ClusterState:
 
     def delete_avatar(self, avatar_id: str) -> bool:
         found = self._avatars.pop(avatar_id, None) is not None
-        (self.store_dir / avatar_id).unlink(missing_ok=True) if _ID.match(avatar_id) else None
+        if _ID.match(avatar_id):
+            (self.store_dir / avatar_id).unlink(missing_ok=True)
         return found
 
     def avatar_ids(self) -> list[str]:
@@ -238,7 +254,7 @@ def get_cluster_actor(store_dir: str | None = None):
         max_task_retries=3,
         # Kept on the head node, next to its store directory.
         resources={"node:__internal_head__": 0.001},
-    ).remote(store_dir or default_store_dir())
+    ).remote(store_dir)
 
 
 def default_store_dir() -> str:
