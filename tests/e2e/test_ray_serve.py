@@ -380,7 +380,11 @@ def test_oversized_chunked_uploads_get_413_with_flat_memory(ray_serve: RayServe)
         "payload_too_large counted",
     )
     assert "http_500" not in reasons and "internal_error" not in reasons, reasons
-    # A small upload on the same deployment still works.
+    # A small upload on the same deployment still works, plain and streamed through the proxy.
     ok = httpx.post(f"{ray_serve.url}/upload/generate", files={"audio": ("a.wav", wav_bytes(0.5))}, timeout=120)
     assert ok.status_code == 200
+    streamed = httpx.post(
+        f"{ray_serve.url}/upload/generate?stream=true", files={"audio": ("a.wav", wav_bytes(2.0))}, timeout=120
+    )
+    assert streamed.status_code == 200 and streamed.content[4:8] == b"ftyp" and b"moof" in streamed.content
     serve.delete("upload")
