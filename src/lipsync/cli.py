@@ -6,7 +6,9 @@
     lipsync serve --port 7002
 
 Every option also has a ``LIPSYNC_*`` environment variable (see ``lipsync.settings``). Errors
-are one line on stderr with a non-zero exit status, never a traceback.
+are one line on stderr with a non-zero exit status, never a traceback: 1 for refused input, 2 for
+an invalid setting (option or environment variable), 3 for a bug. The motion and encoder options
+are generated from ``lipsync.options`` (their defaults, limits and help texts live there).
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ from typing import Any
 
 import click
 
-from .errors import LipsyncError
+from .errors import ConfigError, LipsyncError
+from .options import EncoderOptions, MotionOptions, field_spec, option_names
 
-EXIT_INPUT = 1  # the input or configuration was refused
+EXIT_INPUT = 1  # the input was refused
+EXIT_CONFIG = 2  # an invalid setting (option or LIPSYNC_* variable); click's usage errors use 2 too
 EXIT_INTERNAL = 3  # a bug: please report
 
 
@@ -31,22 +35,25 @@ def _fail(message: str, code: int = EXIT_INPUT) -> None:
 
 
 def _settings(**overrides: Any):
-    from pydantic import ValidationError
-
-    from .settings import Settings
+    """Validated settings (environment + the given non-None options), or one ``error:`` line
+    naming the bad variable and exit status 2."""
+    from .settings import env_var, load_settings
 
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        _fail(f"invalid {where}: {first.get('msg', 'bad value')}")
+        return load_settings(**overrides)
+    except ConfigError as e:
+        message, name = e.message, e.detail.get("setting")
+        if isinstance(name, str) and overrides.get(name) is not None:  # it came from an option
+            message = message.replace(f"({env_var(name)}=", f"(--{name.replace('_', '-')} ", 1)
+        _fail(message, EXIT_CONFIG)
 
 
 def _run(fn):
     """Run a command body, turning our errors into one-line messages."""
     try:
         return fn()
+    except ConfigError as e:
+        _fail(e.message, EXIT_CONFIG)
     except LipsyncError as e:
         _fail(e.message)
     except KeyboardInterrupt:
@@ -72,18 +79,36 @@ def _engine_options(f):
     return f
 
 
-def _motion_options(f):
-    for opt in reversed([
-        click.option("--expression-scale", type=float, help="Brows/head motion strength (default 0.3)."),
-        click.option("--lip-scale", type=float, help="Lip motion strength (default 1.0)."),
-        click.option("--still/--no-still", default=None, help="Still mode: no head motion (default on)."),
-        click.option("--blink/--no-blink", default=None, help="Natural blinks (default on)."),
-        click.option("--size", type=int, help="Output width and height in pixels (default 512)."),
-        click.option("--fps", type=int, help="Frames per second (default 25)."),
-        click.option("--seed", type=int, help="Seed for blinks and head motion (default: from the audio)."),
-    ]):
-        f = opt(f)
-    return f
+def _model_option(model: type, name: str):
+    """A click option for one options-model field: flag, type and help (default, limits,
+    environment variable) derived from the field. Values are validated by ``Settings``, so a bad
+    one is a single ``error:`` line (exit 2) naming the variable, like a bad environment value."""
+    from .settings import env_var
+
+    spec = field_spec(model, name)
+    flag = "--" + name.replace("_", "-")
+    default = "on" if spec.default is True else "off" if spec.default is False else spec.default
+    default = "from the audio" if default is None else default
+    limits = spec.range_text()
+    help_text = (f"{spec.description.rstrip('.')} (default {default}{'; ' + limits if limits else ''}; "
+                 f"env {env_var(name)}).")
+    if spec.value_type is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    return click.option(flag, name, type=spec.value_type, default=None, help=help_text)
+
+
+def _model_options(model: type, names: tuple[str, ...] | None = None):
+    def decorate(f):
+        # click lists options in reverse order of decoration: decorate bottom-up
+        for name in reversed(names or option_names(model)):
+            f = _model_option(model, name)(f)
+        return f
+
+    return decorate
+
+
+_motion_options = _model_options(MotionOptions)
+_encoder_options = _model_options(EncoderOptions)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -104,10 +129,11 @@ def main(verbose: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @_engine_options
 @_motion_options
-def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, cache_dir,
-             expression_scale, lip_scale, still, blink, size, fps, seed) -> None:
+@_encoder_options
+def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, cache_dir, **options) -> None:
     """Render the avatar speaking the audio into an MP4 (512x512, 25 fps, H.264 + AAC)."""
     from .pipeline import LipSyncPipeline, bundled_sample
+    from .types import AvatarId
 
     if sample:
         avatar = avatar or bundled_sample("portrait.png")
@@ -116,11 +142,12 @@ def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, 
         _fail("--audio is required (or --sample for the bundled speech)")
     if not Path(audio).is_file():
         _fail(f"audio file not found: {audio}")
-    # a path that does not exist may be the id of a cached avatar; the pipeline validates it
-    avatar_ref = None if avatar is None else (Path(avatar) if Path(avatar).exists() else str(avatar))
-    settings = _settings(engine=engine, checkpoints=checkpoints, device=device, cache_dir=cache_dir,
-                         expression_scale=expression_scale, lip_scale=lip_scale, still=still,
-                         blink=blink, size=size, fps=fps, seed=seed)
+    # an existing file is a portrait; otherwise an id-shaped value names a cached avatar
+    avatar_ref: Path | AvatarId | None = None
+    if avatar is not None:
+        avatar_ref = AvatarId(str(avatar)) if not Path(avatar).exists() and AvatarId.is_valid(str(avatar)) \
+            else Path(avatar)
+    settings = _settings(engine=engine, checkpoints=checkpoints, device=device, cache_dir=cache_dir, **options)
 
     def body():
         t0 = time.perf_counter()

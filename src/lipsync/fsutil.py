@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory (makes a rename in it durable); a no-op where the OS refuses."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
@@ -30,9 +31,15 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
-    """Let ``write(tmp)`` fill a unique temp file beside ``path``, fsync it, then ``os.replace``
-    it into place (and fsync the directory). Concurrent writers never see each other's halves."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, durable: bool = True) -> Path:
+    """Let ``write(tmp)`` fill a unique temp file beside ``path``, then ``os.replace`` it into
+    place, so readers see the old file or the whole new one and concurrent writers never see
+    each other's halves. The temp file is removed if ``write`` raises.
+
+    ``durable`` also fsyncs the file before the rename and the directory after it, so the new
+    content survives a power loss (cache entries); outputs that are rebuilt anyway (videos)
+    skip the fsyncs. Returns ``path``. The file gets the usual permissions (``FILE_MODE``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,14 +47,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     tmp = Path(name)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+    return path
 
 
 def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> None:

@@ -9,25 +9,33 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .avatar.cache import ID_PATTERN
 from pydantic import ValidationError
 
-from .errors import AvatarNotFound, ConfigError, InvalidInput, JobTimeout
-from .fsutil import FILE_MODE
-from .settings import Settings
-from .types import AudioClip, Avatar, Frames, GenerateResult, MotionOptions, StageTimes
+from .errors import AvatarNotFound, InvalidInput, JobTimeout
+from .fsutil import atomic_write
+from .options import MotionOptions, option_names
+from .settings import Settings, settings_error
+from .types import AudioClip, Avatar, AvatarId, Frames, GenerateResult, StageTimes
+
+if TYPE_CHECKING:
+    from .avatar.cache import AvatarCache, AvatarInfo
+    from .avatar.detect import FaceDetector
+    from .engines.base import Engine
 
 AudioSource = bytes | str | os.PathLike
+#: A portrait file: its bytes (uploads) or a path on this machine (the caller's own file).
 ImageSource = bytes | str | os.PathLike
-AvatarRef = Avatar | str | None
+#: Which avatar to render: a cached one by ``AvatarId`` (never read as a path), a portrait
+#: (bytes or a path; a plain ``str`` is always a path), an ``Avatar``, or None for the default.
+AvatarRef = Avatar | AvatarId | bytes | str | os.PathLike | None
 Progress = Callable[[int, int], None]
 
 #: Resolution avatars are cropped and cached at; engines rescale to the requested output size.
@@ -67,10 +75,12 @@ class LipSyncPipeline:
     >>> pipe.generate("speech.wav", "talk.mp4", avatar="face.jpg")  # doctest: +SKIP
     """
 
-    def __init__(self, *, settings: Settings, engine, cache, detector=None) -> None:
+    def __init__(self, *, settings: Settings, engine: Engine, cache: AvatarCache,
+                 detector: FaceDetector | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.cache = cache
+        engine.bind_avatar_cache(cache)  # engines read stored portraits through our cache only
         self._detector = detector
         self._default_source: ImageSource | None = settings.avatar
         self._default: Avatar | None = None
@@ -89,14 +99,12 @@ class LipSyncPipeline:
             elif values:  # validated like the environment would be
                 settings = Settings(**{**settings.model_dump(exclude_unset=True), **values})
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-            raise ConfigError(f"invalid setting {where}: {first.get('msg', 'bad value')}", setting=where) from None
+            raise settings_error(e) from None
         engine = load_engine(settings)
         return cls(settings=settings, engine=engine, cache=open_cache(settings))
 
     @property
-    def detector(self):
+    def detector(self) -> FaceDetector:
         if self._detector is None:
             from .avatar import default_detector
 
@@ -138,7 +146,7 @@ class LipSyncPipeline:
         self.engine.prepare_avatar(avatar, directory)
         return False
 
-    def get_avatar(self, avatar_id: str) -> Avatar:
+    def get_avatar(self, avatar_id: AvatarId | str) -> Avatar:
         """A cached avatar by id (AvatarNotFound if unknown or its entry was corrupt)."""
         avatar = self.cache.load(avatar_id)  # validates the id; AvatarNotFound if malformed
         if avatar is None:
@@ -151,7 +159,7 @@ class LipSyncPipeline:
             self._default = None
         return self.cache.delete(avatar_id)
 
-    def list_avatars(self):
+    def list_avatars(self) -> list[AvatarInfo]:
         return self.cache.list()
 
     def default_avatar(self) -> Avatar:
@@ -177,43 +185,37 @@ class LipSyncPipeline:
         return avatar
 
     def resolve_avatar(self, ref: AvatarRef) -> tuple[Avatar, bool]:
-        """An Avatar from an Avatar, a cached id, an image path/bytes, or None (the default).
+        """(avatar, cache hit) for an ``AvatarRef``.
 
-        A string that is not a cached avatar id is taken as a file path: never pass strings from
-        untrusted clients here (the server passes ids to ``get_avatar`` and uploads as bytes).
+        An ``AvatarId`` is looked up in the cache and never read as a path (``AvatarNotFound``
+        if unknown); bytes are a portrait upload; a ``str`` or ``PathLike`` is a portrait file on
+        this machine, never taken for an id (wrap ids in ``AvatarId``). None: the default avatar.
         """
         if ref is None:
             hit = self._default is not None
             return self.default_avatar(), hit
         if isinstance(ref, Avatar):
             return ref, True
-        if isinstance(ref, str) and ID_PATTERN.fullmatch(ref) and not os.path.exists(ref):
+        if isinstance(ref, AvatarId):
             return self.get_avatar(ref), True
         return self.add_avatar(ref)
 
     # ------------------------------------------------------------------ options
     def motion_options(self, **overrides) -> MotionOptions:
-        """Per-request options: settings defaults with the given (non-None) overrides, validated."""
-        s = self.settings
-        values = dict(expression_scale=s.expression_scale, lip_scale=s.lip_scale, still=s.still,
-                      blink=s.blink, size=s.size, fps=s.fps, seed=s.seed)
-        unknown = set(overrides) - set(values)
+        """Per-request options: ``settings.request`` with the given (non-None) overrides, validated
+        by ``MotionOptions`` (the one place its limits live). ``InvalidInput`` names the field."""
+        unknown = set(overrides) - set(option_names(MotionOptions))
         if unknown:
             raise InvalidInput(f"unknown option(s): {', '.join(sorted(unknown))}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if not 0.0 <= float(values["expression_scale"]) <= 3.0:
-            raise InvalidInput("expression_scale must be between 0 and 3", field="expression_scale")
-        if not 0.0 <= float(values["lip_scale"]) <= 3.0:
-            raise InvalidInput("lip_scale must be between 0 and 3", field="lip_scale")
-        size = int(values["size"])
-        if not 64 <= size <= 1024 or size % 2:
-            raise InvalidInput("size must be an even number of pixels between 64 and 1024", field="size")
-        fps = int(values["fps"])
-        if not 1 <= fps <= 60:
-            raise InvalidInput("fps must be between 1 and 60", field="fps")
-        return MotionOptions(expression_scale=float(values["expression_scale"]),
-                             lip_scale=float(values["lip_scale"]), still=bool(values["still"]),
-                             blink=bool(values["blink"]), size=size, fps=fps, seed=values["seed"])
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if not values:
+            return self.settings.request
+        try:
+            return replace(self.settings.request, **values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = str(err["loc"][0]) if err.get("loc") else "options"
+            raise InvalidInput(f"{name}: {err.get('msg', 'invalid value')}", field=name) from None
 
     # ------------------------------------------------------------------ audio
     def load_audio(self, audio: AudioSource | AudioClip) -> AudioClip:
@@ -257,7 +259,7 @@ class LipSyncPipeline:
                     if progress is not None:
                         progress(done, total)
                 if timer is not None:
-                    split = getattr(session, "last_times", None)  # an engine's own motion/render split
+                    split = session.last_times  # the engine's own motion/render split, if it keeps one
                     for k, v in (split or {"render": engine_s}).items():
                         timer.add(k, v)
         finally:
@@ -274,9 +276,8 @@ class LipSyncPipeline:
     def _writer(self, target, clip: AudioClip, opts: MotionOptions, *, fragmented: bool):
         from .video import Mp4Writer
 
-        s = self.settings
-        return Mp4Writer(target, width=opts.size, height=opts.size, fps=opts.fps, audio=clip, crf=s.crf,
-                         preset=s.preset, audio_bitrate=s.audio_bitrate, fragmented=fragmented)
+        return Mp4Writer(target, width=opts.size, height=opts.size, fps=opts.fps, audio=clip,
+                         encoder=self.settings.encoder, fragmented=fragmented)
 
     def generate(self, audio: AudioSource | AudioClip, output: str | os.PathLike, *,
                  avatar: AvatarRef = None, options: MotionOptions | None = None,
@@ -290,12 +291,10 @@ class LipSyncPipeline:
         timer = _Timer()
         clip, av, hit, opts = self._prepare(audio, avatar, options, overrides, timer)
         output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part.mp4", dir=output.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
         frames_done = 0
-        try:
+
+        def write(tmp: Path) -> None:
+            nonlocal frames_done
             with self._writer(tmp, clip, opts, fragmented=False) as writer:
                 for frames in self.render_frames(clip, av, opts, timer=timer, progress=progress,
                                                  deadline=deadline):
@@ -304,10 +303,8 @@ class LipSyncPipeline:
                     frames_done += len(frames)
                 with timer.stage("encode"):
                     writer.close()
-            os.chmod(tmp, FILE_MODE)  # mkstemp made it 0600; a finished video is an ordinary file
-            os.replace(tmp, output)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(output, write, durable=False)  # a video is rebuilt, not recovered, after a crash
         return GenerateResult(avatar_id=av.id, frames=frames_done, fps=opts.fps,
                               audio_seconds=clip.duration, output=output, times=timer.result(),
                               avatar_cache_hit=hit)
@@ -328,7 +325,6 @@ class LipSyncPipeline:
     def _stream(self, clip, av, hit, opts, timer, deadline, on_done) -> Iterator[bytes]:
         from .video import stream_mp4
 
-        s = self.settings
         counted = [0]
 
         def frames() -> Iterator[Frames]:
@@ -338,8 +334,8 @@ class LipSyncPipeline:
 
         # background encoding: the next second renders while this one encodes; its bytes follow
         # one batch later, which costs tens of milliseconds of first-byte time at most
-        chunks = stream_mp4(frames(), width=opts.size, height=opts.size, fps=opts.fps, audio=clip, crf=s.crf,
-                            preset=s.preset, audio_bitrate=s.audio_bitrate, background=True)
+        chunks = stream_mp4(frames(), width=opts.size, height=opts.size, fps=opts.fps, audio=clip,
+                            encoder=self.settings.encoder, background=True)
         busy = 0.0
         while True:
             t0 = time.perf_counter()

@@ -1,16 +1,41 @@
 """One settings object for every tunable (env prefix ``LIPSYNC_``).
 
 Defaults follow the product description: 512x512, 25 fps, libx264 ultrafast CRF 26 with
-+faststart, expression scale 0.3, still mode and blinks on, enhancer off, port 7002.
++faststart, expression scale 0.3, still mode and blinks on, port 7002.
+
+The per-request defaults (``request``: a ``MotionOptions``) and the encoder settings
+(``encoder``: an ``EncoderOptions``) are nested models whose defaults and limits live in
+``lipsync.options``; their fields keep flat names everywhere a user meets them: environment
+variables ``LIPSYNC_SIZE``, ``LIPSYNC_CRF``... and keywords ``Settings(size=256, crf=20)``.
+
+``load_settings`` is the checked way in: any invalid value is a ``ConfigError`` naming the
+environment variable (``invalid setting size (LIPSYNC_SIZE=1536): ...``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+from .options import EncoderOptions, MotionOptions, option_names
+
+ENV_PREFIX = "LIPSYNC_"
+#: Nested option groups whose fields are set by flat names (``size``, ``LIPSYNC_SIZE``).
+NESTED_OPTIONS: dict[str, type] = {"request": MotionOptions, "encoder": EncoderOptions}
+#: flat name -> the group it belongs to
+FLAT_OPTIONS: dict[str, str] = {name: group for group, model in NESTED_OPTIONS.items()
+                                for name in option_names(model)}
+
+
+def env_var(name: str) -> str:
+    """The environment variable of a setting: ``size`` -> ``LIPSYNC_SIZE``."""
+    return f"{ENV_PREFIX}{name.upper()}"
 
 
 def _default_cache_dir() -> Path:
@@ -18,8 +43,25 @@ def _default_cache_dir() -> Path:
     return Path(base) / "lipsync"
 
 
+class _FlatOptionEnv(PydanticBaseSettingsSource):
+    """``LIPSYNC_SIZE``, ``LIPSYNC_CRF``...: the nested options' flat variables, read into
+    ``{"request": {...}, "encoder": {...}}`` (names are case-insensitive, like the other settings)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
+        out: dict[str, dict[str, str]] = {}
+        for name, group in FLAT_OPTIONS.items():
+            value = env.get(env_var(name))
+            if value is not None:
+                out.setdefault(group, {})[name] = value
+        return out
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LIPSYNC_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
 
     # --- engine ---------------------------------------------------------------------------
     engine: str = Field("classic", description="Engine name: 'classic' (CPU, default) or 'sadtalker'.")
@@ -37,21 +79,12 @@ class Settings(BaseSettings):
     sadtalker_size: Literal[256, 512] = Field(256, description="Which SadTalker checkpoint resolution to load.")
     preprocess: Literal["crop", "full"] = Field("crop", description="SadTalker output: face crop or pasted back.")
     pose_style: int = Field(0, ge=0, le=45, description="SadTalker Audio2Pose style (when still mode is off).")
-    enhancer: Literal["none", "gfpgan"] = Field("none", description="Face enhancer (off by default).")
 
-    # --- motion ---------------------------------------------------------------------------
-    expression_scale: float = Field(0.3, ge=0.0, le=3.0, description="Brows/cheeks/head motion strength.")
-    lip_scale: float = Field(1.0, ge=0.0, le=3.0, description="Lip motion strength, independent of expression.")
-    still: bool = Field(True, description="Still mode: no head motion.")
-    blink: bool = Field(True, description="Natural random blinks.")
-    seed: int | None = Field(None, description="Seed for blinks/head motion; None derives it from the audio.")
-
-    # --- output ---------------------------------------------------------------------------
-    size: int = Field(512, ge=64, le=2048, description="Output width and height in pixels.")
-    fps: int = Field(25, ge=1, le=60)
-    crf: int = Field(26, ge=0, le=51)
-    preset: str = Field("ultrafast")
-    audio_bitrate: int = Field(96_000, ge=16_000, le=512_000)
+    # --- per-request defaults and the encoder (limits in lipsync.options) -------------------
+    request: MotionOptions = Field(default_factory=MotionOptions,
+                                   description="Defaults of the per-request options (LIPSYNC_SIZE, ...).")
+    encoder: EncoderOptions = Field(default_factory=EncoderOptions,
+                                    description="H.264/AAC encoder settings (LIPSYNC_CRF, ...).")
 
     # --- audio ----------------------------------------------------------------------------
     sample_rate: int = Field(16_000, description="Rate audio is resampled to, once, on decode.")
@@ -73,14 +106,61 @@ class Settings(BaseSettings):
     graceful_shutdown_s: float = Field(30.0, ge=0)
     max_avatars: int = Field(1000, ge=1, description="Avatar cache entries kept (oldest dropped).")
 
-    @field_validator("size")
+    @model_validator(mode="before")
     @classmethod
-    def _even_size(cls, v: int) -> int:
-        if v % 2:
-            raise ValueError("size must be even (H.264 4:2:0)")
-        return v
+    def _nest_flat_options(cls, data: Any) -> Any:
+        """``size=256`` -> ``request.size``; a flat value wins over the nested one it replaces
+        (flat keywords are explicit overrides, the environment arrives nested already)."""
+        if not isinstance(data, dict) or not any(k in FLAT_OPTIONS for k in data):
+            return data
+        data = dict(data)
+        for group in NESTED_OPTIONS:
+            flat = {k: data.pop(k) for k in [k for k in data if FLAT_OPTIONS.get(k) == group]}
+            if not flat:
+                continue
+            nested = data.get(group) or {}
+            if dataclasses.is_dataclass(nested) and not isinstance(nested, type):
+                nested = dataclasses.asdict(nested)
+            data[group] = {**nested, **flat}
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FlatOptionEnv(settings_cls), dotenv_settings, file_secret_settings)
 
 
-def get_settings(**overrides) -> Settings:
-    """Settings from the environment, with explicit overrides (None values are ignored)."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+def settings_error(exc: ValidationError) -> ConfigError:
+    """One ``ConfigError`` for a failed ``Settings`` validation, naming each bad variable:
+    ``invalid setting size (LIPSYNC_SIZE=1536): Input should be less than or equal to 1024``."""
+    problems = []
+    names = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if not isinstance(p, int)]
+        name = loc[-1] if loc and loc[0] in NESTED_OPTIONS else (loc[0] if loc else "settings")
+        names.append(name)
+        shown = env_var(name)
+        if "input" in err and not isinstance(err["input"], (dict, list)) and err.get("type") != "missing":
+            shown += f"={err['input']}"
+        problems.append(f"{name} ({shown}): {err.get('msg', 'invalid value')}")
+    return ConfigError("invalid setting " + "; ".join(problems), setting=names[0] if names else None,
+                       variable=env_var(names[0]) if names else None)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment with explicit overrides (None values are ignored), or a
+    ``ConfigError`` naming the first bad variable."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        raise settings_error(e) from None
+
+
+#: Old name of ``load_settings``.
+get_settings = load_settings

@@ -6,11 +6,42 @@ another stage still holds.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from .options import MotionOptions
+
+__all__ = ["AudioChunk", "AudioClip", "Avatar", "AvatarId", "FaceBox", "Frames", "GenerateResult", "Image",
+           "MotionOptions", "StageTimes"]
+
+#: What an avatar id looks like: the SHA-256 of the portrait file, as 64 lowercase hex digits.
+AVATAR_ID_PATTERN = r"[0-9a-f]{64}"
+_AVATAR_ID = re.compile(AVATAR_ID_PATTERN)
+
+
+class AvatarId(str):
+    """The id of a cached avatar (the SHA-256 of its portrait file), never a file path.
+
+    Constructing one checks the form (``ValueError`` otherwise), so a value of this type can be
+    handed to the avatar cache as is, and a plain ``str`` or ``Path`` is never taken for an id.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, value: str) -> AvatarId:
+        if isinstance(value, AvatarId):
+            return value
+        if not isinstance(value, str) or not _AVATAR_ID.fullmatch(value):
+            raise ValueError("invalid avatar id: expected 64 lowercase hex digits (the SHA-256 of the portrait file)")
+        return super().__new__(cls, value)
+
+    @classmethod
+    def is_valid(cls, value: object) -> bool:
+        return isinstance(value, str) and _AVATAR_ID.fullmatch(value) is not None
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -138,19 +169,6 @@ class Avatar:
     @property
     def size(self) -> int:
         return int(self.image.shape[0])
-
-
-@dataclass(frozen=True)
-class MotionOptions:
-    """Per-request motion and output controls (defaults come from ``Settings``)."""
-
-    expression_scale: float = 0.3
-    lip_scale: float = 1.0
-    still: bool = True
-    blink: bool = True
-    size: int = 512
-    fps: int = 25
-    seed: int | None = None
 
 
 PixelFormat = Literal["rgb24", "yuv420p"]

@@ -14,7 +14,7 @@ import threading
 import time
 import wave
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from lipsync.errors import (
     UnsupportedMedia,
 )
 from lipsync.settings import Settings
-from lipsync.types import AudioClip, Avatar, GenerateResult, MotionOptions, StageTimes
+from lipsync.types import AudioClip, Avatar, AvatarId, GenerateResult, MotionOptions, StageTimes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: An "image" the fake accepts: PNG magic plus a label (the fake never decodes pixels).
@@ -115,10 +115,10 @@ class FakePipeline:
 
     def motion_options(self, **overrides) -> MotionOptions:
         values = {k: v for k, v in overrides.items() if v is not None}
-        size = int(values.get("size", 512))
-        if size % 2 or not 64 <= size <= 1024:
-            raise InvalidInput("size must be an even number of pixels between 64 and 1024", field="size")
-        return MotionOptions(**values)
+        try:
+            return replace(self.settings.request, **values)  # MotionOptions validates its limits
+        except ValueError as e:
+            raise InvalidInput(f"invalid option: {e}") from None
 
     # ------------------------------------------------------------------ avatars
     def add_avatar(self, image: bytes, *, force: bool = False) -> tuple[Avatar, bool]:
@@ -160,6 +160,8 @@ class FakePipeline:
             return self.default_avatar(), True
         if isinstance(avatar, Avatar):
             return avatar, True
+        if isinstance(avatar, AvatarId):  # before bytes/str: an id is a str, never a path
+            return self.get_avatar(avatar), True
         if isinstance(avatar, bytes):
             return self.add_avatar(avatar)
         raise TypeError(f"the server handed the pipeline an avatar of type {type(avatar).__name__}")

@@ -16,9 +16,10 @@ def test_defaults_are_the_product_description(monkeypatch):
     for key in [k for k in __import__("os").environ if k.startswith("LIPSYNC_")]:
         monkeypatch.delenv(key)
     s = Settings()
-    assert (s.size, s.fps, s.crf, s.preset) == (512, 25, 26, "ultrafast")
-    assert (s.expression_scale, s.lip_scale, s.still, s.blink) == (0.3, 1.0, True, True)
-    assert (s.engine, s.enhancer, s.port, s.host) == ("classic", "none", 7002, "127.0.0.1")
+    assert (s.request.size, s.request.fps, s.encoder.crf, s.encoder.preset) == (512, 25, 26, "ultrafast")
+    r = s.request
+    assert (r.expression_scale, r.lip_scale, r.still, r.blink) == (0.3, 1.0, True, True)
+    assert (s.engine, s.port, s.host) == ("classic", 7002, "127.0.0.1")
     assert s.chunk_seconds <= 3.0
 
 
@@ -26,7 +27,7 @@ def test_environment_prefix(monkeypatch):
     monkeypatch.setenv("LIPSYNC_EXPRESSION_SCALE", "0.7")
     monkeypatch.setenv("LIPSYNC_STILL", "false")
     s = Settings()
-    assert s.expression_scale == 0.7 and s.still is False
+    assert s.request.expression_scale == 0.7 and s.request.still is False
 
 
 @pytest.mark.parametrize("overrides,needle", [

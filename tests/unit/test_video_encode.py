@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from scipy.signal import correlate, resample_poly
 
+from lipsync.options import EncoderOptions
 from lipsync.types import AudioClip, Frames
 from lipsync.video import AAC_SAMPLE_RATE, Mp4Writer, aac_priming_samples, encode_floor, encode_mp4
 from lipsync.video import encode as encode_module
@@ -271,8 +272,11 @@ def test_bad_writer_size(tmp_path, width, height):
     [{"crf": 60}, {"preset": "turbo"}, {"audio_sample_rate": 23000}, {"audio_bitrate": 0}, {"fps": 0}],
 )
 def test_bad_encoder_options(tmp_path, option):
+    # crf/preset/bitrate are refused by EncoderOptions itself, before any writer exists
     with pytest.raises(ValueError):
-        Mp4Writer(tmp_path / "x.mp4", width=W, height=H, **option)
+        encoder_keys = {k: v for k, v in option.items() if k in ("crf", "preset", "audio_bitrate")}
+        writer_keys = {k: v for k, v in option.items() if k not in encoder_keys}
+        Mp4Writer(tmp_path / "x.mp4", width=W, height=H, encoder=EncoderOptions(**encoder_keys), **writer_keys)
     assert not (tmp_path / "x.mp4").exists()
 
 

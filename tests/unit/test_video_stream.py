@@ -9,6 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from lipsync.options import EncoderOptions
 from lipsync.types import Frames
 from lipsync.video import AAC_SAMPLE_RATE, Mp4Writer, stream_mp4
 from lipsync.video.stream import (
@@ -181,7 +182,8 @@ def test_slower_preset_high_profile(tmp_path, fragmented):
     """preset=veryfast: High profile (avcC carries chroma/bit-depth fields) and, in files,
     B-frames; both must decode frame-exact."""
     path = tmp_path / "hi.mp4"
-    with Mp4Writer(path, width=W, height=H, preset="veryfast", fragmented=fragmented) as writer:
+    with Mp4Writer(path, width=W, height=H, encoder=EncoderOptions(preset="veryfast"),
+                   fragmented=fragmented) as writer:
         for batch in rgb_batches(30, 10):
             writer.write(batch)
     info = decode(path)

@@ -35,13 +35,13 @@ import cv2
 import numpy as np
 
 from ..errors import AvatarNotFound, ConfigError
-from ..fsutil import _fsync_dir, write_file_atomic  # noqa: F401 - write_file_atomic is re-exported
-from ..types import Avatar
+from ..fsutil import fsync_dir, write_file_atomic  # noqa: F401 - write_file_atomic is re-exported
+from ..types import AVATAR_ID_PATTERN, Avatar, AvatarId
 
 log = logging.getLogger(__name__)
 
-#: What an avatar id looks like: the SHA-256 of the portrait file, lowercase hex.
-ID_PATTERN = re.compile(r"[0-9a-f]{64}")
+#: What an avatar id looks like: the SHA-256 of the portrait file, lowercase hex (``types.AvatarId``).
+ID_PATTERN = re.compile(AVATAR_ID_PATTERN)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 MANIFEST = "manifest.json"
@@ -56,11 +56,12 @@ STALE_SECONDS = 300.0
 _PNG_LEVEL = 1  # 512x512: ~14 ms to write, ~8 ms to read; higher levels save ~5 % for 2-4x time
 
 
-def validate_avatar_id(avatar_id: object) -> str:
-    """The id itself if it is 64 lowercase hex digits, else ``AvatarNotFound``."""
-    if not isinstance(avatar_id, str) or not ID_PATTERN.fullmatch(avatar_id):
-        raise AvatarNotFound("invalid avatar id: expected 64 lowercase hex digits (the SHA-256 of the portrait file)")
-    return avatar_id
+def validate_avatar_id(avatar_id: object) -> AvatarId:
+    """The id as an ``AvatarId`` if it is 64 lowercase hex digits, else ``AvatarNotFound``."""
+    try:
+        return AvatarId(avatar_id)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise AvatarNotFound(str(e)) from None
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -149,7 +150,8 @@ class AvatarCache:
     recently loaded ones are dropped first (never the one just stored).
     """
 
-    def __init__(self, root: str | os.PathLike[str], version: str, max_entries: int = 1000) -> None:
+    def __init__(self, root: str | os.PathLike[str], version: str, max_entries: int = 1000, *,
+                 max_image_pixels: int | None = None) -> None:
         if not _NAME_RE.fullmatch(str(version)):
             raise ConfigError(f"invalid avatar cache version {version!r}")
         if max_entries < 1:
@@ -157,6 +159,9 @@ class AvatarCache:
         self.root = Path(root).resolve()
         self.version = str(version)
         self.max_entries = int(max_entries)
+        #: Decompression-bomb guard for decoding stored portraits (``upright_source``); None:
+        #: ``io.load_image``'s default. The pipeline passes ``Settings.max_image_pixels``.
+        self.max_image_pixels = max_image_pixels
         self._dir = self.root / f"v{self.version}"
         self._staging = self.root / STAGING_DIR
         self._evict_lock = threading.Lock()
@@ -274,6 +279,21 @@ class AvatarCache:
             raise AvatarNotFound("avatar not found; upload the portrait again", avatar_id=avatar_id) from None
         return next(data for name, data in files.items() if name.startswith("source."))
 
+    def upright_source(self, avatar_id: str) -> np.ndarray:
+        """The stored portrait decoded (EXIF-oriented) and turned upright as when it was
+        precomputed: (H, W, 3) uint8 RGB; ``Avatar.crop_box`` is in these pixels.
+
+        Decoded under the same pixel guard as uploads (``ImageTooLarge`` past
+        ``max_image_pixels``); ``AvatarNotFound`` when the entry is missing or corrupt.
+        """
+        from ..io import load_image
+
+        meta = self.face_meta(avatar_id)
+        data = self.source_bytes(avatar_id)
+        guard = {} if self.max_image_pixels is None else {"max_pixels": self.max_image_pixels}
+        pixels = load_image(data, **guard).pixels
+        return np.ascontiguousarray(np.rot90(pixels, meta.quarter_turns))
+
     def list(self) -> list[AvatarInfo]:
         """Entries of this version, most recently used first (not verified: cheap)."""
         out = []
@@ -357,7 +377,7 @@ class AvatarCache:
                 for name, data in files.items():
                     _write_synced(tmp / name, data)
                 _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())  # last
-                _fsync_dir(tmp)
+                fsync_dir(tmp)
                 try:
                     os.replace(tmp, entry)
                     won = True
@@ -369,7 +389,7 @@ class AvatarCache:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
             if won:
-                _fsync_dir(self._dir)
+                fsync_dir(self._dir)
                 self._evict(keep=avatar.id)
                 return dataclasses.replace(avatar, directory=entry)
             existing = self.load(avatar.id)

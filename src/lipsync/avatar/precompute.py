@@ -36,7 +36,8 @@ _LOCKS = tuple(threading.Lock() for _ in range(64))
 
 def open_cache(settings: Settings) -> AvatarCache:
     """The avatar cache configured by ``settings`` (``cache_dir/avatars``, ``max_avatars``)."""
-    return AvatarCache(Path(settings.cache_dir) / AVATAR_CACHE_SUBDIR, PRECOMPUTE_VERSION, settings.max_avatars)
+    return AvatarCache(Path(settings.cache_dir) / AVATAR_CACHE_SUBDIR, PRECOMPUTE_VERSION, settings.max_avatars,
+                       max_image_pixels=settings.max_image_pixels)
 
 
 def precompute_avatar(

@@ -4,24 +4,58 @@ An engine turns (avatar, speech chunks) into video frames. It is built once per 
 (models loaded, warmed up) and serves many requests; each request gets a ``RenderSession``
 that carries state across chunks (smoothing filters, blink schedule, pose noise), so motion
 stays continuous at chunk borders.
+
+The contract, as the pipeline relies on it:
+
+* **Construction.** ``Engine.from_settings(settings)`` builds the engine (loads weights) from an
+  already validated ``Settings``; configuration it cannot use is a ``ConfigError`` (or
+  ``EngineUnavailable`` / ``CheckpointError``), raised there, not at the first request.
+* **Options.** ``start`` receives a ``MotionOptions``, validated when it was built (size even and
+  within ``options.MAX_OUTPUT_SIZE``, fps 1..60, seed set by the pipeline): an engine renders any
+  value the model accepts and needs no checks of its own.
+* **Avatar files.** An engine reaches avatar files only through ``AvatarCache`` methods, never
+  by paths of its own making: its own precompute lives in the directory the pipeline hands to
+  ``prepare_avatar`` / ``avatar_ready`` / ``start`` (``AvatarCache.engine_dir``; write files there
+  with ``fsutil.write_file_atomic``), and the stored portrait is
+  ``self.avatar_cache.upright_source(avatar.id)``, decoded under the same pixel guard as uploads.
+  The pipeline binds its cache with ``bind_avatar_cache`` when it is built; without one (an
+  engine used on its own) ``avatar_cache`` is None and the engine works from ``Avatar`` alone.
+* **Frames.** ``RenderSession.render``/``render_iter`` return ``Frames`` in order, at the
+  requested ``size``, ``Frames.first_index`` continuing where the last batch ended; after the
+  last chunk every frame of ``total_frames`` has been returned.
+* **Timings.** After each chunk a session may report its own split in ``last_times``
+  (``{"motion": s, "render": s}``, keys from ``types.StageTimes``); left empty, the pipeline
+  counts the whole chunk as "render".
+* **Isolation.** Nothing in engines/ imports server/ or pipeline; one engine serves many
+  threads, so per-request state lives in the session.
 """
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from collections.abc import Iterator
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, EngineUnavailable
 from ..types import AudioChunk, Avatar, Frames, MotionOptions
 
 if TYPE_CHECKING:
+    from ..avatar.cache import AvatarCache
     from ..settings import Settings
+
+#: Stage names a session may report in ``last_times``.
+SESSION_STAGES = ("motion", "render")
 
 
 class RenderSession(ABC):
     """One request's rendering state. Chunks arrive in order; each returns its frames."""
+
+    #: Seconds the last ``render``/``render_iter`` call spent per stage (keys from
+    #: ``SESSION_STAGES``), set by the session after each chunk; empty: the pipeline times the
+    #: whole chunk as "render". Subclasses assign a new dict; the class default is read-only.
+    last_times: Mapping[str, float] = MappingProxyType({})
 
     @abstractmethod
     def render(self, chunk: AudioChunk) -> Frames:
@@ -53,6 +87,9 @@ class Engine(ABC):
     context_seconds: tuple[float, float] = (0.2, 0.2)
     #: Version of this engine's per-avatar precompute; bump to invalidate cached files.
     precompute_version: str = "1"
+    #: The avatar cache this engine reads stored avatar files through (see the module notes);
+    #: None until ``bind_avatar_cache``.
+    avatar_cache: AvatarCache | None = None
 
     @classmethod
     @abstractmethod
@@ -66,6 +103,10 @@ class Engine(ABC):
     def describe(self) -> dict:
         """What /health reports about this engine."""
         return {"engine": self.name, "device": self.device}
+
+    def bind_avatar_cache(self, cache: AvatarCache) -> None:
+        """Read stored avatar files (``upright_source``) through ``cache`` from now on."""
+        self.avatar_cache = cache
 
     def warmup(self) -> None:  # noqa: B027 - optional hook
         """Run one small inference so the first request does not pay for lazy init."""

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import fields, is_dataclass, replace
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -30,11 +30,12 @@ from ..errors import (
     LipsyncError,
     PayloadTooLarge,
 )
-from ..types import GenerateResult, StageTimes
-from .app import ServerRuntime, get_runtime
+from ..options import MotionOptions, field_spec
+from ..types import AvatarId, GenerateResult, StageTimes
 from .errors import AvatarInUse, ClientDisconnected, JobCancelled, error_responses
 from .jobs import END_OF_STREAM, CancelToken, ChunkChannel, Job
 from .middleware import StreamAborted
+from .runtime import ServerRuntime, ServingPipeline, get_runtime
 from .schemas import (
     AVATAR_ID_PATTERN,
     AvatarCreated,
@@ -58,6 +59,23 @@ MP4_RESPONSE = {
     "description": "The MP4 (H.264 + AAC). Fragmented MP4, sent as it renders, when stream=true.",
     "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
 }
+
+
+def _option_form(name: str) -> Any:
+    """The optional form field for ``MotionOptions.<name>``: its limits and description come from
+    the model (``lipsync.options``), absent means the server's default (``Settings.request``)."""
+    spec = field_spec(MotionOptions, name)
+    return Annotated[spec.value_type | None, Form(description=spec.description, **spec.limits())]
+
+
+#: Per-request options a client may set in the /generate form (fps stays the server's).
+FORM_OPTIONS = ("expression_scale", "lip_scale", "still", "blink", "size", "seed")
+ExpressionScaleForm = _option_form("expression_scale")
+LipScaleForm = _option_form("lip_scale")
+StillForm = _option_form("still")
+BlinkForm = _option_form("blink")
+SizeForm = _option_form("size")
+SeedForm = _option_form("seed")
 
 
 class MP4Response(Response):
@@ -244,16 +262,12 @@ async def generate(
         UploadFile | None,
         File(description="A portrait to use instead of avatar_id (precomputed and cached)."),
     ] = None,
-    expression_scale: Annotated[
-        float | None, Form(ge=0.0, le=3.0, description="Brows/cheeks/head motion strength.")
-    ] = None,
-    lip_scale: Annotated[float | None, Form(ge=0.0, le=3.0, description="Lip motion strength.")] = None,
-    still: Annotated[bool | None, Form(description="No head motion.")] = None,
-    blink: Annotated[bool | None, Form(description="Natural random blinks.")] = None,
-    size: Annotated[
-        int | None, Form(ge=64, le=1024, multiple_of=2, description="Output width = height.")
-    ] = None,
-    seed: Annotated[int | None, Form(ge=0, le=2**32 - 1, description="Seed for blinks/head motion.")] = None,
+    expression_scale: ExpressionScaleForm = None,
+    lip_scale: LipScaleForm = None,
+    still: StillForm = None,
+    blink: BlinkForm = None,
+    size: SizeForm = None,
+    seed: SeedForm = None,
     stream: Annotated[bool, Form(description="Send fragmented MP4 as chunks render.")] = False,
     stream_query: Annotated[bool | None, Query(alias="stream", description="Same as the form field.")] = None,
 ) -> Response:
@@ -270,35 +284,23 @@ async def generate(
     limit = rt.settings.max_upload_bytes
     audio_bytes = await _read_upload(audio, "audio", limit)
     image_bytes = await _read_upload(image, "image", limit) if image is not None else None
-
-    def resolve_avatar() -> tuple[Any, float]:
-        # Never hand a client string to the pipeline as an avatar: a string that is not a cache id
-        # would be taken as a server-side file path. Ids go through get_avatar, uploads as bytes.
-        if avatar_id is None:
-            return image_bytes, 0.0
-        t0 = time.perf_counter()
-        return pipeline.get_avatar(avatar_id), time.perf_counter() - t0
+    # An id is handed over as AvatarId (looked up in the cache, never read as a path), an upload
+    # as bytes; the pipeline times the lookup as its "precompute" stage.
+    avatar: AvatarId | bytes | None = AvatarId(avatar_id) if avatar_id is not None else image_bytes
 
     if stream or stream_query:
-        return await _stream_response(rt, request, pipeline, audio_bytes, resolve_avatar, options, deadline)
+        return await _stream_response(rt, request, pipeline, audio_bytes, avatar, options, deadline)
 
     assert rt.workdir is not None
     output = rt.workdir / f"{uuid.uuid4().hex}.mp4"
 
     def work(token: CancelToken) -> GenerateResult:
-        avatar, lookup_s = resolve_avatar()
-
         def progress(_done: int, _total: int) -> None:
             token.raise_if_cancelled()
 
-        result = pipeline.generate(
+        return pipeline.generate(
             audio_bytes, output, avatar=avatar, options=options, deadline=deadline, progress=progress
         )
-        if lookup_s:
-            result = replace(
-                result, times=replace(result.times, precompute=result.times.precompute + lookup_s)
-            )
-        return result
 
     result, job = await _run_job(
         rt, request, work, deadline=deadline, cleanup=lambda r: Path(r.output).unlink(missing_ok=True)
@@ -325,10 +327,10 @@ async def generate(
 async def _stream_response(
     rt: ServerRuntime,
     request: Request,
-    pipeline,
+    pipeline: ServingPipeline,
     audio_bytes: bytes,
-    resolve_avatar: Callable[[], tuple[Any, float]],
-    options,
+    avatar: AvatarId | bytes | None,
+    options: MotionOptions,
     deadline: float,
 ) -> Response:
     """Fragmented MP4 from a worker thread, chunk by chunk, with back-pressure and cancellation.
@@ -343,7 +345,6 @@ async def _stream_response(
 
     def work(token: CancelToken) -> None:
         try:
-            avatar, _ = resolve_avatar()
             chunks = pipeline.stream(
                 audio_bytes, avatar=avatar, options=options, deadline=deadline, on_done=on_done
             )
@@ -541,7 +542,7 @@ def delete_avatar(request: Request, avatar_id: AvatarIdParam) -> AvatarDeleted:
         raise AvatarInUse(
             "this is the default avatar; replace it with POST /precompute first", avatar_id=avatar_id
         )
-    if not pipeline.delete_avatar(avatar_id):
+    if not pipeline.delete_avatar(AvatarId(avatar_id)):
         raise AvatarNotFound(f"no avatar with id {avatar_id!r}", avatar_id=avatar_id)
     return AvatarDeleted(id=avatar_id, deleted=True)
 

@@ -7,8 +7,9 @@ import logging
 from types import FrameType
 
 from ..errors import LipsyncError
-from ..settings import Settings
-from .app import ServerRuntime, create_app
+from ..settings import Settings, load_settings
+from .app import create_app
+from .runtime import ServerRuntime
 
 log = logging.getLogger("lipsync.server")
 
@@ -48,7 +49,7 @@ def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
     """
     import uvicorn
 
-    settings = settings or Settings()
+    settings = settings or load_settings()
     app = create_app(settings)
     runtime: ServerRuntime = app.state.runtime
     config = uvicorn.Config(

@@ -6,9 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-#: Avatar ids are SHA-256 hex digests; anything else (dots, slashes) is refused before it reaches the
-#: cache, so no id can name a path outside the cache directory.
-AVATAR_ID_PATTERN = r"^[0-9a-f]{64}$"
+from ..types import AVATAR_ID_PATTERN as _ID
+
+#: Avatar ids are SHA-256 hex digests (``types.AvatarId``); anything else (dots, slashes) is refused
+#: before it reaches the cache, so no id can name a path outside the cache directory.
+AVATAR_ID_PATTERN = f"^{_ID}$"
 
 
 class DefaultAvatarStatus(BaseModel):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import secrets
 import shutil
 import tempfile
 import threading
@@ -45,6 +44,8 @@ from av.codec.context import Flags as CodecFlags
 from av.video.frame import PictureType
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
+from ..fsutil import atomic_write
+from ..options import X264_PRESETS, EncoderOptions  # noqa: F401 - X264_PRESETS re-exported
 from ..types import AudioClip, Frames
 from .stream import (
     VIDEO_TICKS_PER_FRAME,
@@ -64,17 +65,6 @@ QUEUE_BATCHES = 1
 #: Streams start a fragment with a keyframe (a join point for players) unless the last keyframe is
 #: less than this many seconds old, so tiny batches cannot turn every frame into an IDR.
 MIN_KEYFRAME_SPACING_S = 1.0
-X264_PRESETS = (
-    "ultrafast",
-    "superfast",
-    "veryfast",
-    "faster",
-    "fast",
-    "medium",
-    "slow",
-    "slower",
-    "veryslow",
-)
 AAC_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 #: libx264 threads for files: two frame threads, the fastest measured at 512x512 ultrafast on 2
 #: cores (slice threads gain nothing on frames this small). Frame threads hold 3 frames back,
@@ -276,9 +266,7 @@ class _EncodeSession:
         height: int,
         fps: int,
         audio: AudioClip | None,
-        crf: int,
-        preset: str,
-        audio_bitrate: int,
+        encoder: EncoderOptions,
         audio_rate: int,
         file_path: Path | None,
         fragment_sink: Callable[[bytes], object] | None,
@@ -291,7 +279,8 @@ class _EncodeSession:
         self._container: av.container.OutputContainer | None = None
         self._muxer: FragmentedMp4Muxer | None = None
         self._speech: _SpeechFeed | None = None
-        x264 = _x264_options(preset, crf, low_latency=self._fragmented)
+        x264 = _x264_options(encoder.preset, encoder.crf, low_latency=self._fragmented)
+        audio_bitrate = encoder.audio_bitrate
         if file_path is not None:
             self._container = av.open(
                 str(file_path), mode="w", format="mp4", options={"movflags": "+faststart"}
@@ -470,22 +459,16 @@ class Mp4Writer:
         height: int,
         fps: int = 25,
         audio: AudioClip | None = None,
-        crf: int = 26,
-        preset: str = "ultrafast",
-        audio_bitrate: int = 96_000,
+        encoder: EncoderOptions = EncoderOptions(),  # noqa: B008 - frozen, validated once
         fragmented: bool = False,
         audio_sample_rate: int = AAC_SAMPLE_RATE,
         background: bool = True,
     ) -> None:
         _check_geometry(width, height, fps)
-        if not 0 <= crf <= 51:
-            raise ValueError(f"crf must be within 0..51, got {crf}")
-        if preset not in X264_PRESETS:
-            raise ValueError(f"unknown x264 preset {preset!r}; one of {', '.join(X264_PRESETS)}")
+        if not isinstance(encoder, EncoderOptions):  # its fields were validated when it was built
+            raise TypeError(f"encoder must be an EncoderOptions, got {type(encoder).__name__}")
         if audio_sample_rate not in AAC_SAMPLE_RATES:
             raise ValueError(f"audio_sample_rate {audio_sample_rate} is not an AAC sampling rate")
-        if audio_bitrate <= 0:
-            raise ValueError(f"audio_bitrate must be positive, got {audio_bitrate}")
         if audio is not None and not isinstance(audio, AudioClip):
             raise TypeError(f"audio must be an AudioClip, got {type(audio).__name__}")
         self.width = int(width)
@@ -531,9 +514,7 @@ class Mp4Writer:
                 height=self.height,
                 fps=self.fps,
                 audio=audio,
-                crf=crf,
-                preset=preset,
-                audio_bitrate=audio_bitrate,
+                encoder=encoder,
                 audio_rate=audio_sample_rate,
                 file_path=file_path,
                 fragment_sink=fragment_sink,
@@ -653,17 +634,17 @@ def encode_mp4(
     audio: AudioClip | None = None,
     **kw,
 ) -> Path:
-    """Encode all batches to ``path`` atomically: a temporary file beside it, then os.replace,
-    so the final path never holds a half-written video."""
+    """Encode all batches to ``path`` atomically (``fsutil.atomic_write``: a temporary file
+    beside it, then a rename), so the final path never holds a half-written video. Keyword
+    arguments go to ``Mp4Writer`` (``encoder=EncoderOptions(...)``, ``background``...)."""
     final = Path(os.fspath(path))
-    partial = final.with_name(f".{final.name}.{secrets.token_hex(4)}.partial")
-    try:
+
+    def write(partial: Path) -> None:
         with Mp4Writer(partial, width=width, height=height, fps=fps, audio=audio, **kw) as writer:
             for batch in frames:
                 writer.write(batch)
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
+
+    atomic_write(final, write, durable=False)
     return final
 
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...errors import ConfigError
 from ...types import AudioChunk, Avatar, Frames, MotionOptions
 from ..base import Engine, RenderSession
 from .motion import MotionGenerator, context_seconds_for
@@ -74,9 +73,6 @@ class ClassicEngine(Engine):
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "ClassicEngine":
-        if settings.enhancer != "none":
-            raise ConfigError(f"the classic engine has no face enhancer; got enhancer={settings.enhancer!r}",
-                              enhancer=settings.enhancer)
         return cls()
 
     def context_for(self, options: MotionOptions) -> tuple[float, float]:

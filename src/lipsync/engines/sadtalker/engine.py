@@ -31,7 +31,8 @@ import cv2
 import numpy as np
 import torch
 
-from ...errors import CheckpointError, ConfigError, InvalidInput
+from ...errors import AvatarNotFound, CheckpointError, ConfigError, InvalidInput
+from ...fsutil import write_file_atomic
 from ...types import AudioChunk, Avatar, Frames, MotionOptions
 from ..base import Engine, RenderSession
 from .audio import context_seconds as audio_context_seconds
@@ -126,12 +127,6 @@ def _read_png(path: Path) -> np.ndarray | None:
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    from ...avatar import write_file_atomic
-
-    write_file_atomic(path, data)
-
-
 @dataclass(frozen=True)
 class AvatarSource:
     """What the renderer needs of one avatar, prepared once and kept in memory."""
@@ -198,11 +193,6 @@ class SadTalkerEngine(Engine):
             raise CheckpointError(
                 "the sadtalker engine needs SadTalker's checkpoint directory: "
                 "pass --checkpoints DIR or set LIPSYNC_CHECKPOINTS"
-            )
-        if settings.enhancer != "none":
-            raise ConfigError(
-                f"face enhancer {settings.enhancer!r} is not available in this build; use enhancer='none'",
-                enhancer=settings.enhancer,
             )
         device = resolve_device(settings.device)
         ckpt = SadTalkerCheckpoints.locate(
@@ -319,9 +309,9 @@ class SadTalkerEngine(Engine):
             paste = self._paste_source(avatar)
             if paste is not None:
                 image, box = paste
-                _write_atomic(directory / PASTE_PNG, _png_bytes(image))
-                _write_atomic(directory / PASTE_JSON, json.dumps({"crop_box": list(box)}).encode())
-        _write_atomic(directory / SOURCE_PNG, _png_bytes(rgb))
+                write_file_atomic(directory / PASTE_PNG, _png_bytes(image))
+                write_file_atomic(directory / PASTE_JSON, json.dumps({"crop_box": list(box)}).encode())
+        write_file_atomic(directory / SOURCE_PNG, _png_bytes(rgb))
         write_first_coeff_mat(directory / FIRST_COEFF, coeffs)  # last: its presence marks completion
 
     def avatar_ready(self, directory: Path) -> bool:
@@ -336,18 +326,14 @@ class SadTalkerEngine(Engine):
         return True
 
     def _paste_source(self, avatar: Avatar) -> tuple[np.ndarray, tuple[float, float, float, float]] | None:
-        """The upright portrait the crop came from (capped in size) and the crop box in it."""
-        if avatar.directory is None:
+        """The upright portrait the crop came from (capped in size) and the crop box in it, read
+        through the bound avatar cache; None for an avatar the cache does not hold."""
+        if self.avatar_cache is None:
             return None
-        from ...avatar.cache import FACE_META, FaceMeta
-        from ...io import load_image
-
-        entry = Path(avatar.directory)
-        sources = sorted(entry.glob("source.*"))
-        if not sources or not (entry / FACE_META).is_file():
+        try:
+            image = self.avatar_cache.upright_source(avatar.id)
+        except AvatarNotFound:
             return None
-        meta = FaceMeta.from_json((entry / FACE_META).read_bytes())
-        image = np.ascontiguousarray(np.rot90(load_image(sources[0], max_pixels=10**9).pixels, meta.quarter_turns))
         box = tuple(float(v) for v in avatar.crop_box)
         scale = min(1.0, MAX_PASTE_SIDE / max(image.shape[:2]))
         if scale < 1.0:
