@@ -368,13 +368,21 @@ class _LocalPipeline:
     def list_avatars(self):
         return [{"id": i} for i in self.entries]
 
+    def generate(self, audio, output, *, avatar=None, **kw):
+        assert not isinstance(avatar, str), "ids must be resolved through the store first"
+        return SimpleNamespace(avatar_id=avatar.id)
+
 
 def test_avatar_uploaded_on_one_node_is_found_and_deleted_from_another(tmp_path) -> None:
     store = ClusterState(str(tmp_path / "store"))
     node_a, node_b = _LocalPipeline(), _LocalPipeline()
     a, b = SharedAvatarPipeline(node_a, store, call=lambda x: x), SharedAvatarPipeline(node_b, store, call=lambda x: x)
     avatar, _ = a.add_avatar(b"portrait bytes")
-    assert b.get_avatar(avatar.id).id == avatar.id and node_b.builds == 1  # rebuilt from the store
+    from lipsync.types import AvatarId
+
+    assert b.generate(b"audio", "out.mp4", avatar=AvatarId(avatar.id)).avatar_id == avatar.id
+    assert node_b.builds == 1  # rebuilt from the store for the generate
+    assert b.get_avatar(avatar.id).id == avatar.id and node_b.builds == 1
     assert [i["id"] for i in b.list_avatars()] == [avatar.id]
     assert b.delete_avatar(avatar.id)
     with pytest.raises(AvatarNotFound):

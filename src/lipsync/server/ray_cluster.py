@@ -396,8 +396,17 @@ class SharedAvatarPipeline:
         self.publish(avatar.id)
         return avatar
 
+    def _by_id(self, kw: dict) -> dict:
+        """An avatar named by id is looked up through the store (rebuilt here on a miss)."""
+        from ..types import AvatarId
+
+        ref = kw.get("avatar")
+        if isinstance(ref, AvatarId):
+            kw = {**kw, "avatar": self.get_avatar(ref)}
+        return kw
+
     def generate(self, audio, output, **kw):
-        result = self._inner.generate(audio, output, **kw)
+        result = self._inner.generate(audio, output, **self._by_id(kw))
         self.publish(result.avatar_id)
         return result
 
@@ -407,7 +416,7 @@ class SharedAvatarPipeline:
             if on_done is not None:
                 on_done(result)
 
-        return self._inner.stream(audio, on_done=done, **kw)
+        return self._inner.stream(audio, on_done=done, **self._by_id(kw))
 
 
 def _ray_get(ref):
