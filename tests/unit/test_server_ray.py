@@ -421,3 +421,36 @@ def test_avatar_store_keeps_the_most_recently_used(tmp_path) -> None:
     store.put_avatar(ids[2], b"2")
     assert store.avatar_ids() == sorted([ids[0], ids[2]])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ids[0], ids[2]])
+
+
+def test_cluster_stats_and_metrics_routes_and_their_fallback(tmp_path) -> None:
+    from starlette.responses import PlainTextResponse
+    from starlette.testclient import TestClient
+
+    from lipsync.server.ray_ingress import ClusterMonitoringApp
+
+    state = ClusterState(str(tmp_path))
+    state.report("other", {"app": "x"}, _snap(4, {}))
+
+    class Replica:
+        replica_id, info = "me", {"app": "x"}
+        runtime = SimpleNamespace(stats_snapshot=lambda: _snap(1, {"busy": 1}))
+        broken = False
+
+        def cluster_state(self):
+            if self.broken:
+                raise ConnectionError("actor restarting")
+            state.report("me", self.info, self.runtime.stats_snapshot())
+            return state.cluster("x")
+
+    replica = Replica()
+    app = ClusterMonitoringApp(PlainTextResponse("api"), replica)
+    client = TestClient(app)  # no lifespan: the stand-in API is a plain response
+    assert client.get("/stats").json()["requests"]["served"] == 5  # both replicas
+    assert client.get("/stats?scope=replica").json()["requests"]["served"] == 1
+    assert 'replica="other"' in client.get("/metrics").text
+    assert client.get("/generate").text == "api"  # everything else is the API
+    replica.broken = True
+    fallback = client.get("/stats")
+    assert fallback.status_code == 200 and fallback.json()["requests"]["served"] == 1
+    assert "unavailable" in fallback.json()["cluster"]["error"]

@@ -11,6 +11,7 @@ answering replica's own snapshot.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from urllib.parse import parse_qs
 
@@ -23,6 +24,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .ray_cluster import cluster_view, merge_snapshots
 from .ray_proxy import TRIM_AFTER_BYTES, release_free_memory
 from .stats import _StatsCollector
+
+log = logging.getLogger("lipsync.server")
 
 
 class ClusterMonitoringApp:
@@ -38,9 +41,25 @@ class ClusterMonitoringApp:
         if scope["type"] == "http" and scope.get("method") == "GET" and path in ("/stats", "/metrics"):
             query = parse_qs(scope.get("query_string", b"").decode())
             if query.get("scope", [""])[0] != "replica":
-                state = await anyio.to_thread.run_sync(self.replica.cluster_state)
+                try:
+                    state = await anyio.to_thread.run_sync(self.replica.cluster_state)
+                except Exception as exc:  # noqa: BLE001 - the shared actor restarting: say so
+                    log.warning("cluster stats unavailable: %s", exc)
+                    state = {
+                        "replicas": {
+                            self.replica.replica_id: {
+                                **self.replica.info,
+                                "stats": self.replica.runtime.stats_snapshot(),
+                            }
+                        },
+                        "retired": [],
+                        "error": f"cluster view unavailable ({type(exc).__name__}); this replica only",
+                    }
                 if path == "/stats":
-                    response: Response = JSONResponse(cluster_view(state))
+                    view = cluster_view(state)
+                    if "error" in state:
+                        view["cluster"]["error"] = state["error"]
+                    response: Response = JSONResponse(view)
                 else:
                     response = Response(
                         render_cluster_metrics(state), media_type="text/plain; version=0.0.4; charset=utf-8"
