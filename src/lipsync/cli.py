@@ -212,13 +212,24 @@ def precompute(avatar, force, engine, checkpoints, device, cache_dir) -> None:
 @click.option("--port", type=int, help="Port (default 7002).")
 @click.option("--workers", type=int, help="Concurrent generation jobs (default 1).")
 @click.option("--avatar", type=click.Path(path_type=Path), help="Default avatar portrait.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Scale out on Ray Serve (needs lipsync-server[ray]); knobs: LIPSYNC_RAY_*.")
+@click.option("--ray-config", type=click.Path(exists=True, dir_okay=False),
+              help="With --ray: a Serve config file, e.g. deploy/serve.yaml.")
+@click.option("--ray-address", help="With --ray: join this Ray cluster instead of starting one.")
 @_engine_options
-def serve(host, port, workers, avatar, engine, checkpoints, device, cache_dir) -> None:
+def serve(host, port, workers, avatar, engine, checkpoints, device, cache_dir, use_ray, ray_config,
+          ray_address) -> None:
     """Run the HTTP service (GET /health, POST /generate, /precompute, /avatars, GET /stats...)."""
     settings = _settings(host=host, port=port, workers=workers, avatar=avatar, engine=engine,
                          checkpoints=checkpoints, device=device, cache_dir=cache_dir)
 
     def body():
+        if use_ray or ray_config:
+            from .server.ray_serve import serve_cli
+
+            serve_cli(settings, ray_config, address=ray_address)
+            return
         from .server import serve as run_server
 
         run_server(settings)

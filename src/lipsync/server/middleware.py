@@ -6,6 +6,7 @@ limit can answer before the body is read.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -22,6 +23,8 @@ log = logging.getLogger("lipsync.server")
 access_log = logging.getLogger("lipsync.server.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+#: Stats reason for a request cancelled because its client closed the connection.
+CLIENT_CLOSED = "client_closed"
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 #: Paths that are monitoring or documentation, not API work: left out of the request counters.
@@ -103,6 +106,12 @@ class RequestContextMiddleware:
             )
             # Returning without finishing the body makes the server drop the connection
             # (uvicorn logs "ASGI callable returned without completing response").
+        except asyncio.CancelledError:
+            # The server cancelled the request because its connection closed (Ray Serve's proxy
+            # does this when the client hangs up): not a server error.
+            error_code = CLIENT_CLOSED
+            status = status or 499
+            raise
         except Exception as exc:
             error_code = "internal_error"
             log.error(

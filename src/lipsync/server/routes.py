@@ -8,6 +8,7 @@ when full.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -137,9 +138,18 @@ async def _run_job(
     except asyncio.CancelledError:
         job.token.cancel(CANCEL_CLIENT_GONE)
         _abandon(job, cleanup)
+        # Keep this request (and so its slot in the server's count of ongoing requests, e.g. Ray
+        # Serve's max_ongoing_requests) until the worker has actually stopped the job.
+        await _job_stopped(waiter, rt.settings.request_timeout_s)
         raise
     finally:
         watcher.cancel()
+
+
+async def _job_stopped(waiter: asyncio.Future, limit_s: float) -> None:
+    """Wait (at most ``limit_s``) until a cancelled job's worker is done with it."""
+    with contextlib.suppress(BaseException):  # its outcome is nobody's business any more
+        await asyncio.wait_for(asyncio.shield(waiter), timeout=limit_s)
 
 
 def _abandon(job: Job, cleanup: Callable[[Any], None] | None) -> None:
