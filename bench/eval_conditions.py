@@ -26,6 +26,8 @@ Faults (16-bit WAV, what a user would upload; 32-bit float where a sum exceeds f
            of the speech alone)
   m45/m50  the clip scaled to -45 / -50 dBFS peak
   clip12   +12 dB gain into a hard clipper at full scale
+  dither   control row, not a fault: +-1 LSB triangular dither (what any re-encode adds), to
+           show how far the scores move when nothing audible changes
 Pairs apply level faults (m45, m50, clip12) first, then the additive ones; pairs that contradict
 each other (two levels, two mains grids, clipping at -45 dBFS) are left out.
 
@@ -161,6 +163,9 @@ def degrade(x: np.ndarray, names: tuple[str, ...], mask: np.ndarray) -> np.ndarr
             f = 59.95
             y = y + 0.1 * np.sqrt(2) * (np.sin(2 * np.pi * f * t) + 0.316 * np.sin(4 * np.pi * f * t + 0.4)
                                         + 0.316 * np.sin(6 * np.pi * f * t + 2.0))
+        elif name == "dither":  # control: what any re-encode adds; conditioning cannot tell it apart
+            rng = np.random.default_rng(5)
+            y = y + (rng.random(y.size) - rng.random(y.size)) / 32768.0
         elif name == "noise10":
             y = y + pink(y.size) * speech_rms / np.sqrt(10.0)
         else:
@@ -169,7 +174,7 @@ def degrade(x: np.ndarray, names: tuple[str, ...], mask: np.ndarray) -> np.ndarr
 
 
 def conditions(only: list[str] | None) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = [(), *[(f,) for f in FAULTS]]
+    rows: list[tuple[str, ...]] = [(), ("dither",), *[(f,) for f in FAULTS]]
     rows += [p for p in itertools.combinations(FAULTS, 2) if set(p) not in EXCLUSIVE]
     if only:
         want = {tuple(sorted(o.split("+"))) if o != "clean" else () for o in only}
