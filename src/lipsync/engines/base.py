@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, EngineUnavailable
-from ..types import AudioChunk, Avatar, Frames, MotionOptions
+from ..types import AudioChunk, AudioClip, Avatar, Frames, MotionOptions
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 class RenderSession(ABC):
     """One request's rendering state. Chunks arrive in order; each returns its frames."""
+
+    def begin_clip(self, clip: AudioClip) -> None:  # noqa: B027 - optional hook
+        """Called once with the whole clip before its first chunk (whole-clip analysis, e.g. phone
+        recognition). Engines that work chunk by chunk ignore it."""
 
     @abstractmethod
     def render(self, chunk: AudioChunk) -> Frames:
