@@ -133,6 +133,7 @@ def run_motion(
 ) -> Controls:
     options = options or MotionOptions()
     gen = MotionGenerator(options, sample_rate=RATE, seed=seed)
+    gen.begin_clip(samples, RATE)  # as the pipeline does: the mouth is analysed once per clip
     parts: list[FaceMotion] = [
         gen.process(c) for c in chunks_for(samples, options.fps, chunk_seconds, gen.context_seconds)
     ]

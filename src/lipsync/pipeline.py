@@ -270,6 +270,7 @@ class LipSyncPipeline:
         session = self.engine.start(avatar, options, total, assets=assets)
         done = 0
         try:
+            session.begin_clip(clip)  # whole-clip analysis (the engine's own time, in its first chunk)
             for chunk in iter_chunks(clip, fps=options.fps, chunk_seconds=self.settings.chunk_seconds,
                                      context=self.engine.context_for(options)):
                 if deadline is not None and time.monotonic() > deadline:

@@ -39,7 +39,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, EngineUnavailable
-from ..types import AudioChunk, Avatar, Frames, MotionOptions
+from ..types import AudioChunk, AudioClip, Avatar, Frames, MotionOptions
 
 if TYPE_CHECKING:
     from ..avatar.cache import AvatarCache
@@ -56,6 +56,10 @@ class RenderSession(ABC):
     #: ``SESSION_STAGES``), set by the session after each chunk; empty: the pipeline times the
     #: whole chunk as "render". Subclasses assign a new dict; the class default is read-only.
     last_times: Mapping[str, float] = MappingProxyType({})
+
+    def begin_clip(self, clip: AudioClip) -> None:  # noqa: B027 - optional hook
+        """Called once with the whole clip before its first chunk (whole-clip analysis, e.g. phone
+        recognition). Engines that work chunk by chunk ignore it."""
 
     @abstractmethod
     def render(self, chunk: AudioChunk) -> Frames:

@@ -1,7 +1,7 @@
 """The ``classic`` engine: CPU-only, no neural weights beyond the face landmarker.
 
-Motion comes from the audio signal itself (``motion.MotionGenerator``: loudness, formant
-balance, closures), rendering is a precomputed landmark-driven warp of the portrait plus a
+Motion comes from the audio (``motion.MotionGenerator``: phones recognised once per clip,
+turned into articulator tracks by a viseme model fit on real speakers), rendering is a precomputed landmark-driven warp of the portrait plus a
 synthesized mouth interior (``rig`` + ``render``). Per-avatar rigs are cached on disk beside the
 avatar and in memory, so a warm request does no geometry work at all.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...types import AudioChunk, Avatar, Frames, MotionOptions
+from ...types import AudioChunk, AudioClip, Avatar, Frames, MotionOptions
 from ..base import Engine, RenderSession
 from .motion import MotionGenerator, context_seconds_for
 from .render import FaceRenderer
@@ -34,6 +34,14 @@ class ClassicSession(RenderSession):
         self.motion = motion
         self.still = still
         self.last_times: dict[str, float] = {}
+        self.clip_seconds = 0.0  # time of the whole-clip analysis (begin_clip)
+
+    def begin_clip(self, clip: AudioClip) -> None:
+        """Recognise the clip's phones once; chunks then slice the mouth tracks (exact chunk
+        invariance). ``clip`` must be at the engine's sample rate."""
+        t0 = time.perf_counter()
+        self.motion.begin_clip(clip.samples, clip.sample_rate)
+        self.clip_seconds = time.perf_counter() - t0
 
     def render(self, chunk: AudioChunk) -> Frames:
         batches = list(self.render_iter(chunk))
@@ -46,7 +54,8 @@ class ClassicSession(RenderSession):
         batches so the background encoder starts on the first second while the rest renders."""
         t0 = time.perf_counter()
         m = self.motion.process(chunk)
-        self.last_times = {"motion": time.perf_counter() - t0, "render": 0.0}
+        self.last_times = {"motion": time.perf_counter() - t0 + self.clip_seconds, "render": 0.0}
+        self.clip_seconds = 0.0
         for a in range(0, len(m), RENDER_BATCH):
             b = min(len(m), a + RENDER_BATCH)
             t1 = time.perf_counter()

@@ -1,28 +1,24 @@
 """Per-frame face controls for the classic engine, from the speech audio alone.
 
-Language-independent acoustic reasoning on 10 ms frames (see ``features``), no phone recognition:
-
-* **jaw** (lip gap) follows loudness relative to the speaker's recent peak level (so any
-  recording level works), scaled by openness (the centroid of the first-formant region: ~300 Hz
-  for IY/UW, ~700 Hz for AA) and by sonority (bursts, aspiration and hiss get a narrow gap). It
-  leads the sound by 20 ms, and stop closures cut it back at full 10 ms sharpness.
-* **lip_close** presses the lips for labial nasal murmur (energy below 400 Hz, a gap at
-  400-700 Hz, weak F2/F3 region relative to this speaker, and "grave": M's resonance sits near
-  1 kHz, N's near 1.8 kHz) and for stop closures and releases whose burst is dull (bilabial
-  bursts have little energy above 1.8 kHz; alveolar and velar ones are bright). Lips are
-  max-pooled over each frame's 10 ms frames without look-ahead: they part at the release.
-* **lip_round** follows the spectral balance of voiced sound (1.8-3.5 kHz against 0.3-1.5 kHz)
-  relative to this speaker's average: rounding lowers F2/F3, spreading raises them.
+* **The mouth** (jaw, lip_close, lip_round, labiodental, teeth) comes from phones: the whole clip
+  is decoded once by a phone recognizer (``phones``: PocketSphinx in all-phone mode; any language,
+  the mouth follows the phone class), and the phones become articulator tracks through a viseme
+  model fit on real speakers (``visemes`` + ``viseme_model.json``, fitted by
+  ``scripts/fit_visemes.py``): per-phone targets blended by Cohen-Massaro dominance functions
+  (coarticulation, anticipated rounding), lips shut during P/B/M, the mouth leading the sound by
+  the lead measured on the real clips. In pauses (the recognizer's silence, or audio far below
+  the clip's speech level) the jaw is shut.
 * **blink** comes from a seeded renewal process in global frame time (gamma intervals, at least
   1.2 s apart, mean 3.5 s), each blink waiting up to 0.6 s for a pause.
-* **brow** and head nods follow speech emphasis; head drift is a sum of slow sinusoids with
-  seeded frequencies and phases (zero in still mode).
+* **brow** and head nods follow speech emphasis (loudness relative to the speaker's tracked peak,
+  10 ms acoustic features, see ``features``); head drift is a sum of slow sinusoids with seeded
+  frequencies and phases (zero in still mode).
 
-Chunk invariance (a clip processed in chunks gives the same controls as processed whole) comes
-from three rules: features live on a grid anchored to global samples; every filter with look-ahead
-or smoothing reads only the chunk's context window (``context_seconds``); the slow trackers
-(speaker level, noise floor, speaker averages) and the blink schedule are causal and carry their
-state to the next chunk.
+Chunk invariance (a clip processed in chunks gives exactly the same controls as processed whole):
+the mouth tracks are computed once per clip (``begin_clip``) and sliced per chunk; the acoustic
+features live on a grid anchored to global samples, every filter with look-ahead or smoothing reads
+only the chunk's context window (``context_seconds``), and the slow trackers and the blink
+schedule are causal and carry their state to the next chunk.
 """
 from __future__ import annotations
 
@@ -34,6 +30,15 @@ import scipy.signal
 
 from ...types import AudioChunk, MotionOptions
 from .features import FeatureExtractor, FrameFeatures, db, pool
+from .visemes import VisemeModel, articulator_tracks, load_model
+
+# --- pauses (mouth) ----------------------------------------------------------------------------
+#: A video frame this far (dB) below the clip's speech level (its 95th-percentile frame level)
+#: is a pause: the jaw is shut there whatever the recognizer said; a 12 dB ramp above it.
+PAUSE_BELOW_SPEECH_DB = 40.0
+PAUSE_RAMP_DB = 12.0
+#: Frames below this level (dBFS) are a pause however quiet the clip is (room tone, dither).
+PAUSE_FLOOR_DB = -65.0
 
 # --- timing ------------------------------------------------------------------------------------
 #: The jaw leads the sound it makes (articulators move before the acoustic onset).
@@ -303,6 +308,8 @@ class MotionGenerator:
         self._features = FeatureExtractor(self.sample_rate)
         self._layout = _layout(self.fps, self.sample_rate)
         self._next_frame = 0
+        self._visemes: VisemeModel = load_model()
+        self._mouth: dict[str, np.ndarray] | None = None  # whole-clip mouth tracks (begin_clip)
         self._analysed: tuple[int, FrameFeatures] | None = None  # last chunk's 10 ms features
         # Slow trackers (see _track): running max/min in drift-compensated dB, and leaky sums
         # (weight, weight * nasality, weight * balance) for the speaker averages.
@@ -331,6 +338,40 @@ class MotionGenerator:
         """Audio context (before, after) each chunk must carry for seamless chunked output."""
         return context_seconds_for(self.fps, self.sample_rate)
 
+    def begin_clip(self, samples: np.ndarray, sample_rate: int) -> None:
+        """Analyse the whole clip's mouth once (phone recognition + viseme tracks).
+
+        ``samples``: the clip's mono float audio in [-1, 1] at ``sample_rate`` (must be the
+        generator's rate). Chunks processed afterwards slice these tracks, so the mouth is the same
+        whatever the chunking. Without this call each chunk is analysed on its own audio.
+        """
+        if int(sample_rate) != self.sample_rate:
+            raise ValueError(f"clip is {sample_rate} Hz, motion expects {self.sample_rate} Hz")
+        samples = np.asarray(samples, dtype=np.float32)
+        n = math.ceil(len(samples) * self.fps / self.sample_rate) + 1
+        self._mouth = self._mouth_tracks(samples, 0, n)
+
+    def _mouth_tracks(self, samples: np.ndarray, first_frame: int, n: int) -> dict[str, np.ndarray]:
+        """Mouth tracks for frames [first_frame, first_frame + n) of audio whose sample 0 sits at
+        global frame ``first_frame``'s start."""
+        from .phones import recognize
+
+        segments = recognize(samples, self.sample_rate)
+        tracks = articulator_tracks(segments, n, self.fps, self._visemes)
+        # Pause gate: frame level (dB) against the clip's speech level.
+        bounds = np.floor(np.arange(n + 1) * self.sample_rate / self.fps + 0.5).astype(np.int64)
+        bounds = np.minimum(bounds, len(samples))
+        sq = np.concatenate([[0.0], np.cumsum(np.asarray(samples, np.float64) ** 2)])
+        counts = np.maximum(np.diff(bounds), 1)
+        level = np.maximum(db((sq[bounds[1:]] - sq[bounds[:-1]]) / counts), DIGITAL_SILENCE_DB)
+        speech = float(np.percentile(level, 95)) if n else DIGITAL_SILENCE_DB
+        floor = max(speech - PAUSE_BELOW_SPEECH_DB, PAUSE_FLOOR_DB)
+        gate = _smoothstep((level - floor) / PAUSE_RAMP_DB)
+        gate = np.where(counts > 1, gate, 0.0)  # past the end of the audio: a pause
+        for k in ("jaw", "round", "teeth", "labiodental"):
+            tracks[k] = tracks[k] * gate
+        return tracks
+
     def process(self, chunk: AudioChunk) -> FaceMotion:
         if chunk.sample_rate != self.sample_rate:
             raise ValueError(f"chunk is {chunk.sample_rate} Hz, motion expects {self.sample_rate} Hz")
@@ -355,7 +396,15 @@ class MotionGenerator:
 
         frames = self._frame_features(chunk)
         own = slice(lay.before, lay.before + n)
-        jaw, lip_close, lip_round, emphasis = self._articulation(frames, n)
+        emphasis = self._emphasis(frames, n)
+        if self._mouth is not None:
+            mouth = {k: _take(v, first, n) for k, v in self._mouth.items()}
+        else:  # no whole-clip analysis: this chunk's own audio (with its context) only
+            mouth = self._mouth_tracks(chunk.samples[int(chunk.context_before):], 0, n)
+        jaw, lip_round = mouth["jaw"], mouth["round"]
+        # Bilabial closure: the phones' P/B/M, or the acoustic evidence of a labial stop or
+        # murmur (a dull burst, a grave nasal murmur; see _frame_features) the recognizer missed.
+        lip_close = np.maximum(mouth["close"], frames["lip_close"][own])
         blink = self._blinks(first, n, quiet=frames["quiet"][own]) if self.options.blink else np.zeros(n)
         expr = float(self.options.expression_scale)
         brow = np.clip(expr * BROW_GAIN * emphasis, 0.0, 1.0)
@@ -372,6 +421,8 @@ class MotionGenerator:
             blink=blink,
             brow=brow,
             head=head,
+            labiodental=mouth["labiodental"],
+            teeth=np.clip(mouth["teeth"] * lip_scale, 0.0, 1.0),
         )
 
     # ------------------------------------------------------------------------------------------
@@ -527,34 +578,11 @@ class MotionGenerator:
             "speaker_balance": (sums[2] / denom)[:n_fed],
         }
 
-    def _articulation(self, f: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, ...]:
-        """jaw, lip_close, lip_round and emphasis for the chunk's own frames."""
+    def _emphasis(self, f: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """Speech emphasis 0..1 for the chunk's own frames (drives brows and nods)."""
         lay = self._layout
-        lo, hi = lay.before, lay.before + n
-        loud = _smoothstep((f["rel"] - JAW_SHUT_REL_DB) / (JAW_FULL_REL_DB - JAW_SHUT_REL_DB))
-        loud = loud * _smoothstep((f["snr"] - JAW_NOISE_MARGIN_DB) / 10.0)
-        openness = _ramp(f["f1_centroid"], OPEN_F1_CLOSE_HZ, OPEN_F1_OPEN_HZ - OPEN_F1_CLOSE_HZ)
-        voiced = f["sonorant"]
-        jaw_raw = (
-            loud
-            * (JAW_CLOSE_VOWEL_SHARE + (1.0 - JAW_CLOSE_VOWEL_SHARE) * openness)
-            * (JAW_UNVOICED_SHARE + (1.0 - JAW_UNVOICED_SHARE) * voiced)
-        )
-        # Light smoothing, then closures cut back in at full 10 ms sharpness (a smoothed jaw would
-        # blur a 50 ms closure away): any stop narrows the gap, the lips' own press comes below.
-        jaw = np.convolve(jaw_raw[lo - 1: hi + 1], JAW_SMOOTHING, mode="valid")
-        jaw = jaw * (1.0 - STOP_JAW_CUT * f["stop"][lo:hi])
-
-        # No noise gate here: a closure is by nature the quietest part of speech, and the stop and
-        # murmur detectors already need louder speech around them.
-        lip_close = f["lip_close"][lo:hi]
-
-        rounding = np.clip((f["speaker_balance"] - f["balance"]) / ROUND_SPAN_DB, -1.0, 1.0) * voiced * loud
-        lip_round = _smooth_valid(rounding, lay.round_half, lo, hi)
-
-        emphasis_raw = _ramp(f["rel"], -10.0, 8.0) * voiced
-        emphasis = _smooth_valid(emphasis_raw, lay.emphasis_half, lo, hi)
-        return jaw, lip_close, lip_round, emphasis
+        emphasis_raw = _ramp(f["rel"], -10.0, 8.0) * f["sonorant"]
+        return _smooth_valid(emphasis_raw, lay.emphasis_half, lay.before, lay.before + n)
 
     # ------------------------------------------------------------------------------------------
     def _draw_blink_interval(self, first: bool = False) -> int:
@@ -605,6 +633,14 @@ class MotionGenerator:
         head = drift * expr
         head[:, 1] += HEAD_NOD_DEG * expr * emphasis
         return head
+
+
+def _take(track: np.ndarray, first: int, n: int) -> np.ndarray:
+    """``track[first:first + n]``, zero-padded past its end."""
+    out = np.zeros(n)
+    part = track[first: first + n]
+    out[: len(part)] = part
+    return out
 
 
 def _blink_shape(tau: np.ndarray) -> np.ndarray:
