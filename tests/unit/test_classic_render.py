@@ -382,3 +382,12 @@ def test_teeth_track_shows_more_teeth_but_never_opens_a_shut_mouth(renderer):
     assert np.array_equal(renderer.render(0, z, z, z, z, z, teeth=one(1.0)).data, shut)
     pressed = renderer.render(0, one(0.5), z, one(1.0), z, z, labiodental=one(1.0), teeth=one(1.0)).data
     assert np.array_equal(pressed, renderer.render(0, one(0.5), z, one(1.0), z, z).data)
+
+
+def test_closed_lip_portrait_is_untouched_in_pauses(closed_renderer):
+    """Jaw 0 (a pause) on a closed-lip portrait: the frame is the portrait, byte for byte,
+    whatever the teeth track says."""
+    n = 3
+    z = np.zeros(n, np.float32)
+    frames = closed_renderer.render(0, z, z, z, z, z, teeth=np.ones(n, np.float32)).data
+    assert all(np.array_equal(f, closed_renderer.base_yuv) for f in frames)
