@@ -37,9 +37,11 @@ from lipsync.engines.classic import visemes as vz  # noqa: E402
 
 FPS = 25
 LEADS = (-0.04, -0.02, 0.0, 0.02, 0.04, 0.06)
-THETAS = (15.0, 25.0, 40.0)
+THETAS = (15.0, 25.0, 40.0, 60.0)
 ROUND_THETA_BEFORE = (5.0, 8.0, 12.0)
 RIDGES = (3.0, 10.0, 30.0)
+#: Dominance strength of vowels relative to consonants (Cohen-Massaro alpha), searched.
+VOWEL_ALPHAS = (1.0, 2.0, 4.0)
 #: Phonetic priors the ridge shrinks towards (a phone seen rarely keeps its textbook shape):
 #: openness on the scaled-opening axis (0 = a speaker's 10th percentile, 1 = their 95th), after
 #: the vowel-height classes of Ladefoged & Johnson, "A Course in Phonetics"; rounding -1..1.
@@ -87,10 +89,14 @@ def zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / max(x.std(), 1e-6)
 
 
-def evidence(case: dict, lead: float, theta: float, theta_before: float) -> np.ndarray:
+def alphas(vowel_alpha: float) -> dict[str, float]:
+    return {p: vowel_alpha for p in vz.VOWELS} if vowel_alpha != 1.0 else {}
+
+
+def evidence(case: dict, lead: float, theta: float, theta_before: float, va: float = 1.0) -> np.ndarray:
     n = len(case["opening"])
     sub = (np.arange(n * vz.SUBSAMPLES) + 0.5) / (FPS * vz.SUBSAMPLES) + lead
-    w = vz.phone_weights(case["segments"], sub, theta, theta_before)
+    w = vz.phone_weights(case["segments"], sub, theta, theta_before, alphas(va))
     return w.reshape(n, vz.SUBSAMPLES, -1).mean(axis=1)
 
 
@@ -119,24 +125,24 @@ def loso(cases: list[dict], xs: list[np.ndarray], ys: list[np.ndarray], lam: flo
 
 
 def fit(cases: list[dict], tiny: bool) -> dict:
-    leads, thetas, rthetas, ridges = (((0.02,), (25.0,), (8.0,), (10.0,)) if tiny
-                                      else (LEADS, THETAS, ROUND_THETA_BEFORE, RIDGES))
+    leads, thetas, rthetas, ridges, vas = (((0.02,), (25.0,), (8.0,), (10.0,), (1.0,)) if tiny
+                                           else (LEADS, THETAS, ROUND_THETA_BEFORE, RIDGES, VOWEL_ALPHAS))
     open_prior = np.array([OPEN_PRIOR.get(p, 0.0) for p in ph.PHONES])
     # width is z-scored: a rounder mouth is narrower, so the prior is minus the rounding
     width_prior = -np.array([ROUND_PRIOR.get(p, 0.0) for p in ph.PHONES])
     y_open = [scaled_opening(c["opening"]) for c in cases]
     y_width = [zscore(c["width"]) for c in cases]
-    best_jaw = max((loso(cases, [evidence(c, L, t, t) for c in cases], y_open, lam, open_prior), L, t, lam)
-                   for L in leads for t in thetas for lam in ridges)
-    _, lead, theta, lam = best_jaw
-    best_round = max((loso(cases, [evidence(c, lead, theta, tb) for c in cases], y_width, rl, width_prior), tb, rl)
+    best_jaw = max((loso(cases, [evidence(c, L, t, t, va) for c in cases], y_open, lam, open_prior), L, t, lam, va)
+                   for L in leads for t in thetas for lam in ridges for va in vas)
+    _, lead, theta, lam, va = best_jaw
+    best_round = max((loso(cases, [evidence(c, lead, theta, tb, va) for c in cases], y_width, rl, width_prior), tb, rl)
                      for tb in rthetas for rl in ridges)
     _, theta_round_before, lam_round = best_round
 
-    x = np.concatenate([evidence(c, lead, theta, theta) for c in cases])
+    x = np.concatenate([evidence(c, lead, theta, theta, va) for c in cases])
     jaw = np.clip(ridge(x, np.concatenate(y_open), lam, open_prior), 0.0, None)
     jaw = jaw / max(float(jaw.max()), 1e-6)  # the most open phone opens fully
-    xr = np.concatenate([evidence(c, lead, theta, theta_round_before) for c in cases])
+    xr = np.concatenate([evidence(c, lead, theta, theta_round_before, va) for c in cases])
     width = ridge(xr, np.concatenate(y_width), lam_round, width_prior)
     rnd = np.clip(-width, -1.0, 1.0)
     targets = {}
@@ -153,7 +159,7 @@ def fit(cases: list[dict], tiny: bool) -> dict:
         "theta": {"jaw": theta, "round": theta, "close": 60.0, "labiodental": 60.0, "teeth": theta},
         "theta_before": {"jaw": theta, "round": theta_round_before, "close": 60.0, "labiodental": 60.0,
                          "teeth": theta},
-        "alpha": {},
+        "alpha": alphas(va),
         "targets": targets,
         "meta": {"fitted_by": "scripts/fit_visemes.py" + (" --tiny" if tiny else ""),
                  "dev_clips": [c["name"] for c in cases],

@@ -368,7 +368,7 @@ class MotionGenerator:
         floor = max(speech - PAUSE_BELOW_SPEECH_DB, PAUSE_FLOOR_DB)
         gate = _smoothstep((level - floor) / PAUSE_RAMP_DB)
         gate = np.where(counts > 1, gate, 0.0)  # past the end of the audio: a pause
-        for k in ("jaw", "round", "teeth", "labiodental"):
+        for k in ("jaw", "round", "teeth", "labiodental", "vowel"):
             tracks[k] = tracks[k] * gate
         return tracks
 
@@ -403,8 +403,9 @@ class MotionGenerator:
             mouth = self._mouth_tracks(chunk.samples[int(chunk.context_before):], 0, n)
         jaw, lip_round = mouth["jaw"], mouth["round"]
         # Bilabial closure: the phones' P/B/M, or the acoustic evidence of a labial stop or
-        # murmur (a dull burst, a grave nasal murmur; see _frame_features) the recognizer missed.
-        lip_close = np.maximum(mouth["close"], frames["lip_close"][own])
+        # murmur (a dull burst, a grave nasal murmur; see _frame_features) the recognizer missed,
+        # except inside a recognised vowel (there the acoustic detector is the one mistaken).
+        lip_close = np.maximum(mouth["close"], frames["lip_close"][own] * (1.0 - mouth["vowel"]))
         blink = self._blinks(first, n, quiet=frames["quiet"][own]) if self.options.blink else np.zeros(n)
         expr = float(self.options.expression_scale)
         brow = np.clip(expr * BROW_GAIN * emphasis, 0.0, 1.0)

@@ -39,6 +39,9 @@ DOMINANCE_REACH_S = 0.5
 #: Phonetic (not fitted) targets: bilabial closure, labiodental contact, teeth visibility.
 BILABIAL = frozenset({"P", "B", "M"})
 LABIODENTAL = frozenset({"F", "V"})
+#: Articulators pooled by max over a frame's sub-samples (the rest: mean).
+MAX_POOLED = ("labiodental",)
+VOWELS = frozenset({"AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW"})
 #: Teeth show for dental/alveolar fricatives and affricates and for spread front vowels.
 TEETH = {"S": 1.0, "Z": 1.0, "SH": 0.9, "ZH": 0.9, "CH": 0.9, "JH": 0.9, "TH": 1.0, "DH": 0.9,
          "F": 0.8, "V": 0.8, "IY": 0.8, "IH": 0.6, "EY": 0.7, "EH": 0.6, "AE": 0.6, "T": 0.5, "D": 0.5,
@@ -132,10 +135,11 @@ def articulator_tracks(segments: list[PhoneSegment], n_frames: int, fps: int,
                        model: VisemeModel | None = None) -> dict[str, np.ndarray]:
     """Per-video-frame articulator tracks for frames 0..n_frames-1 of a clip.
 
-    Returns ``{"jaw", "round", "close", "labiodental", "teeth"}`` -> (n_frames,) float arrays
-    (jaw, close, labiodental, teeth in 0..1; round in -1..1). Each frame pools SUBSAMPLES
+    Returns ``{"jaw", "round", "close", "labiodental", "teeth", "vowel"}`` -> (n_frames,) float
+    arrays (jaw, close, labiodental, teeth in 0..1; round in -1..1; vowel: the share of the frame
+    inside a recognised vowel). Each frame pools SUBSAMPLES
     evaluations over its own interval, shifted ``lead_s`` ahead: mean for jaw, round and teeth,
-    max for closure and labiodental contact (so a 30 ms closure still shows).
+    max for labiodental contact; closure by mean (a frame half in a closure is half closed).
     """
     model = model or load_model()
     sub = (np.arange(n_frames * SUBSAMPLES) + 0.5) / (fps * SUBSAMPLES) + model.lead_s
@@ -151,7 +155,8 @@ def articulator_tracks(segments: list[PhoneSegment], n_frames: int, fps: int,
         elif art == "labiodental":
             v = np.maximum(v, 0.8 * _inside(segments, LABIODENTAL, sub))
         v = v.reshape(n_frames, SUBSAMPLES)
-        out[art] = v.max(axis=1) if art in ("close", "labiodental") else v.mean(axis=1)
+        out[art] = v.max(axis=1) if art in MAX_POOLED else v.mean(axis=1)
+    out["vowel"] = _inside(segments, VOWELS, sub).reshape(n_frames, SUBSAMPLES).mean(axis=1)
     out["jaw"] = np.clip(out["jaw"], 0.0, 1.0)
     out["round"] = np.clip(out["round"], -1.0, 1.0)
     for art in ("close", "labiodental", "teeth"):
