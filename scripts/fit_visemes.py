@@ -32,8 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lipsync.engines.classic import phones as ph  # noqa: E402
-from lipsync.engines.classic import visemes as vz  # noqa: E402
+from lipsync.engines.classic import phones as ph
+from lipsync.engines.classic import visemes as vz
 
 FPS = 25
 LEADS = (-0.04, -0.02, 0.0, 0.02, 0.04, 0.06)

@@ -60,7 +60,7 @@ class VisemeModel:
     meta: dict
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VisemeModel":
+    def from_dict(cls, d: dict) -> VisemeModel:
         targets = {p: {a: float(d["targets"].get(p, {}).get(a, 0.0)) for a in ARTICULATORS} for p in PHONES}
         return cls(targets, {a: float(v) for a, v in d["theta"].items()},
                    {a: float(v) for a, v in d["theta_before"].items()}, float(d["lead_s"]),
