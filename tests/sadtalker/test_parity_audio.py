@@ -314,15 +314,15 @@ def test_audio2pose_matches_upstream_with_fixed_noise(upstream_nets, T):
     assert (other - got).abs().max() > 1e-3
 
 
-def test_pipeline_hands_sadtalker_clean_speech_untouched():
+def test_pipeline_hands_sadtalker_clean_speech_untouched(material):
     """The pipeline conditions audio in the engine's mode; SadTalker's keeps clean real speech bit
     for bit, so the mel features above stay upstream's (faults such as DC or hum are still repaired)."""
     from lipsync.engines.sadtalker.engine import SadTalkerEngine
     from lipsync.io.condition import condition
 
     assert SadTalkerEngine.audio_conditioning == "as_needed"
-    for name in ("en_librivox_0870.wav", "en_librivox_0880.wav"):
-        wav = _read_wav(shared_path("speech", name))
+    for name in ("speech/speech_3s.wav", "speech/speech_7s.wav"):  # real speech, clean
+        wav = _read_wav(material.path(name))
         out = condition(wav, SR, mode=SadTalkerEngine.audio_conditioning)
         assert np.array_equal(out.samples, wav), name
         assert np.array_equal(A.mel_spectrogram(out.samples), A.mel_spectrogram(wav))
