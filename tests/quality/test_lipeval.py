@@ -18,8 +18,10 @@ import pytest
 from lipsync.pipeline import LipSyncPipeline
 
 from ..conftest import REPO
-from .conftest import LIPEVAL, material
+from .conftest import LIPEVAL, material, require_shared_module
 from .gate import MIN_BILABIAL, phone_failures
+
+require_shared_module()
 
 FACES = ["astronaut.png", "obama.jpg"]
 HELDOUT_ALIGNED = ["en_librivox_0870", "en_librivox_0880"]

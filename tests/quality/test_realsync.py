@@ -13,8 +13,10 @@ import pytest
 from lipsync.pipeline import LipSyncPipeline
 
 from ..conftest import REPO
-from .conftest import real_case, realsync_module
+from .conftest import real_case, realsync_module, require_shared_module
 from .gate import realsync_failures, realsync_scores
+
+require_shared_module()
 
 pytestmark = pytest.mark.slow
 
