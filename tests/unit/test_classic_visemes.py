@@ -87,11 +87,11 @@ def test_level_normalisation_ignores_recording_level():
     np.testing.assert_allclose(normalise(0.01 * x), normalise(0.5 * x), atol=1)  # one LSB
 
 
-def test_recognizer_is_deterministic_and_finds_speech():
+def test_recognizer_is_deterministic_and_finds_speech(material):
     from lipsync.engines.classic.phones import recognize
     from tests.unit.test_classic_motion import _real_speech
 
-    x = _real_speech()
+    x = _real_speech(material)
     a, b = recognize(x), recognize(x)
     assert a == b
     assert sum(s.phone != "SIL" for s in a) >= 10
