@@ -237,4 +237,6 @@ def pool(values: np.ndarray, offsets: np.ndarray, how: str = "mean") -> np.ndarr
 
 
 def db(power: np.ndarray) -> np.ndarray:
-    return 10.0 * np.log10(power)
+    """Power in dB; digital silence (power 0) is -inf on purpose, without a warning."""
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(power)
