@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lipsync.pipeline import LipSyncPipeline, bundled_sample
+from tests.material import wav_pcm16
 
 SR = 16000
 
@@ -50,13 +51,8 @@ def _faulty_speech(path) -> np.ndarray:
         x = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float64)[: 4 * SR] / 32768.0
     t = np.arange(x.size) / SR
     x = x / np.max(np.abs(x)) * 10 ** (-40 / 20) + 0.05 * np.sqrt(2) * np.sin(2 * np.pi * 50.0 * t)
-    pcm = np.round(x * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SR)
-        w.writeframes(pcm.tobytes())
-    return pcm.astype(np.float32) / 32768.0
+    path.write_bytes(wav_pcm16(x))
+    return np.clip(np.round(x * 32767), -32768, 32767).astype(np.float32) / 32768.0
 
 
 def _muxed_audio(path) -> np.ndarray:

@@ -20,6 +20,7 @@ import pytest
 
 from lipsync.engines.sadtalker import audio as A
 from tests.conftest import need_module
+from tests.material import wav_pcm16
 from tests.sadtalker.chunking import FPS, SR, chunks, speechlike, total_frames
 
 TOL = 1e-4
@@ -44,13 +45,8 @@ def _upstream_audio(monkeypatch):
 
 def _write_wav(path, samples: np.ndarray) -> np.ndarray:
     """Write 16-bit PCM and return the float32 samples a decoder reads back."""
-    pcm = np.clip(np.round(samples * 32767), -32768, 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SR)
-        w.writeframes(pcm.tobytes())
-    return pcm.astype(np.float32) / 32768.0
+    path.write_bytes(wav_pcm16(samples, SR))
+    return np.clip(np.round(samples * 32767), -32768, 32767).astype(np.float32) / 32768.0
 
 
 def _read_wav(path) -> np.ndarray:
