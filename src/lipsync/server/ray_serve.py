@@ -306,8 +306,8 @@ _DEPLOYMENT = None
 def replica_deployment():
     """The Serve deployment class (created on first use, so importing needs no Ray)."""
     global _DEPLOYMENT
+    serve = _serve_module()  # checked on every call: Ray may have gone since the class was made
     if _DEPLOYMENT is None:
-        serve = _serve_module()
 
         @serve.deployment(name="lipsync", max_ongoing_requests=DEFAULT_MAX_ONGOING_REQUESTS)
         @serve.ingress()
