@@ -219,6 +219,7 @@ def main() -> int:
     pipe = LipSyncPipeline.from_settings(cache_dir=out / "cache")
     if args.no_condition:
         pipe.engine.audio_conditioning = "off"
+    mode = getattr(pipe.engine, "audio_conditioning", "full")  # what the engine gets, for the report
     rows = []
     for names in conditions(args.only.split(",") if args.only else None):
         label = "+".join(names) or "clean"
@@ -229,7 +230,7 @@ def main() -> int:
         pipe.generate(wav, video, avatar=portrait, seed=SEED)  # same blinks and head motion in every row
         gen_s = time.perf_counter() - t0
         res = judge(lipeval, video, clean_wav, portrait, phones, out / f"{label}.json")
-        found = condition(pipe.load_audio(wav).samples, SR).report.as_dict()
+        found = condition(pipe.load_audio(wav).samples, SR, mode=mode).report.as_dict() if mode != "off" else {}
         rows.append({"input": label, "generate_s": round(gen_s, 1), "conditioning": found,
                      **{k: res.get(k) for k in (*METRICS, "pause_opening_rel", "sync_best_corr", "phone_counts")}})
         print(f"{label:18s} done in {gen_s:.1f} s", file=sys.stderr, flush=True)
