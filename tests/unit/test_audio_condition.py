@@ -215,6 +215,38 @@ def test_pairs_of_faults(reference, names):
     _check_like_clean(out, reference, names)
 
 
+SINGLES = [(name,) for name in FAULTS]
+
+
+@pytest.mark.parametrize("names", SINGLES + PAIRS, ids=["+".join(p) for p in SINGLES + PAIRS])
+def test_as_needed_repairs_each_fault_and_pair(reference, names):
+    """The engines' mode: every fault is found and repaired (only it), so the motion models see
+    speech like the clean clip's: same speech/pause decisions, no DC, no hum, a normal level,
+    noise pushed down."""
+    ref = condition(CLEAN.astype(np.float32), SR, mode="as_needed")
+    out = condition(_degrade(names, reference.speech), SR, mode="as_needed")
+    rep = out.report
+    y = out.samples.astype(np.float64)
+    assert np.all(np.isfinite(y)) and np.max(np.abs(y)) <= 1.0
+    assert float(np.mean(out.speech == ref.speech)) >= 0.9
+    edge = int(0.064 * SR)
+    for a, b in _pauses(ref.speech, 0.25):
+        assert np.mean(out.speech[a + edge: b - edge]) <= 0.1, f"{names}: pause {a / SR:.2f} s became speech"
+    assert rep.denoised == ("noise10" in names)
+    assert (rep.hum_hz is not None) == any(n.startswith("hum") for n in names)
+    if "dc" in names or "noise10" in names:
+        assert rep.highpass_hz is not None
+    assert abs(np.mean(y)) <= 0.01 * _speech_rms(y, ref.speech), f"{names}: DC left"
+    speech_db = 20 * np.log10(_speech_rms(y, ref.speech))
+    assert -34.0 <= speech_db <= -8.0, f"{names}: speech at {speech_db:.1f} dBFS"
+    for hz in (50.0, 150.0, 59.93, 119.86, 179.79):
+        line = _line_dbfs(y, hz)
+        assert line <= max(_line_dbfs(ref.samples.astype(np.float64), hz) + 3.0, speech_db - 35.0), \
+            f"{names}: {hz} Hz hum left at {line:.1f} dBFS"
+    corr = float(np.corrcoef(_envelope(y), _envelope(ref.samples))[0, 1])
+    assert corr >= (0.85 if "noise10" in names else 0.95), f"{names}: envelope corr {corr:.3f}"
+
+
 # --- the rest of the contract --------------------------------------------------------------------
 def test_no_hum_reported_on_speech_without_hum(reference):
     """Voiced speech (espeak's steady pitch included) is not mistaken for mains hum."""
