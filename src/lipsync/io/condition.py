@@ -45,8 +45,9 @@ Steps, in order (each reported in ``ConditionReport``):
 ``DC_FAULT_RATIO`` of the speech RMS, hum found, speech-to-noise ratio below
 ``DENOISE_AS_NEEDED_BELOW_SNR_DB``, speech level outside ``LEVEL_OK_DBFS``), so clean input
 passes through bit for bit: engines whose features must keep parity
-with an upstream implementation on clean input (SadTalker's mel spectrogram) use it; such a
-model was trained on recordings as they come, noise included, and gets the noise as it comes.
+with an upstream implementation on clean input (SadTalker's mel spectrogram) use it. Such a
+model was trained on recordings as they come, room noise included, and keeps that noise; only
+noise loud enough to be a fault (10 dB pink noise measures 14.8 dB) is reduced.
 
 numpy/scipy and a Silero VAD wheel only: the classic path never imports torch.
 """
