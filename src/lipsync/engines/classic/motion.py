@@ -30,7 +30,7 @@ import scipy.signal
 
 from ...types import AudioChunk, MotionOptions
 from .features import FeatureExtractor, FrameFeatures, db, pool
-from .visemes import VisemeModel, articulator_tracks, load_model
+from .visemes import VisemeModel, acoustic_features, articulator_tracks, load_model
 
 # --- pauses (mouth) ----------------------------------------------------------------------------
 #: A video frame this far (dB) below the clip's speech level (its 95th-percentile frame level)
@@ -357,7 +357,9 @@ class MotionGenerator:
         from .phones import recognize
 
         segments = recognize(samples, self.sample_rate)
-        tracks = articulator_tracks(segments, n, self.fps, self._visemes)
+        acoustic = (acoustic_features(samples, n, self.fps, self.sample_rate)
+                    if self._visemes.acoustic_jaw is not None else None)
+        tracks = articulator_tracks(segments, n, self.fps, self._visemes, acoustic)
         # Pause gate: frame level (dB) against the clip's speech level.
         bounds = np.floor(np.arange(n + 1) * self.sample_rate / self.fps + 0.5).astype(np.int64)
         bounds = np.minimum(bounds, len(samples))

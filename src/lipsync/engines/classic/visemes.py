@@ -48,6 +48,60 @@ TEETH = {"S": 1.0, "Z": 1.0, "SH": 0.9, "ZH": 0.9, "CH": 0.9, "JH": 0.9, "TH": 1
          "N": 0.4, "Y": 0.6, "AY": 0.5}
 
 
+# --- acoustic evidence (per video frame) ------------------------------------------------------
+#: Band edges (Hz) of the acoustic evidence: voice bar, F1 region (low / high), F2, F3, frication.
+ACOUSTIC_BANDS = ((80.0, 300.0), (300.0, 700.0), (700.0, 1300.0), (1300.0, 2300.0), (2300.0, 4000.0),
+                  (4000.0, 7800.0))
+#: Analysis windows: 32 ms Hann, four per video frame at 25 fps (hop = frame / 4).
+ACOUSTIC_WINDOW_S = 0.032
+#: Level range (dB below the clip's speech level, its 95th-percentile frame) mapped to 0..1.
+ACOUSTIC_RANGE_DB = 50.0
+#: Half-width (s) of the window a frame's level is compared with (syllable nucleus vs. margin).
+ACOUSTIC_LOCAL_S = 0.16
+#: Frames of context on each side stacked into a frame's evidence.
+ACOUSTIC_CONTEXT = 2
+ACOUSTIC_NAMES = ("level", "local", "rise", "fall") + tuple(f"band{i}" for i in range(len(ACOUSTIC_BANDS)))
+
+
+def acoustic_features(samples: np.ndarray, n_frames: int, fps: int, sample_rate: int = 16000) -> np.ndarray:
+    """(n_frames, len(ACOUSTIC_NAMES) * (2 * ACOUSTIC_CONTEXT + 1)) level-free acoustic evidence.
+
+    Per video frame (SUBSAMPLES Hann windows of ACOUSTIC_WINDOW_S over the frame's interval):
+    ``level`` (frame power relative to the clip's 95th-percentile frame, 0 = ACOUSTIC_RANGE_DB
+    below, 1 = at it), ``local`` (level minus the max level within ±ACOUSTIC_LOCAL_S: a syllable
+    nucleus is 0, the consonant between two syllables negative), ``rise``/``fall`` (level change
+    into / out of the frame), and the share of each ACOUSTIC_BANDS band in the frame's power (dB/30).
+    Each row stacks these for frames t-ACOUSTIC_CONTEXT..t+ACOUSTIC_CONTEXT (edges repeated).
+    Independent of the recording level; numpy only.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    win = max(8, int(round(ACOUSTIC_WINDOW_S * sample_rate)))
+    n_fft = 1 << int(np.ceil(np.log2(win)))
+    centres = ((np.arange(n_frames * SUBSAMPLES) + 0.5) * sample_rate / (fps * SUBSAMPLES)).astype(np.int64)
+    padded = np.concatenate([np.zeros(win), x, np.zeros(2 * win)])
+    idx = centres[:, None] + np.arange(win)[None, :] + win - win // 2
+    idx = np.minimum(idx, len(padded) - 1)
+    spec = np.abs(np.fft.rfft(padded[idx] * np.hanning(win)[None, :], n_fft, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    bands = np.stack([spec[:, (freqs >= lo) & (freqs < min(hi, sample_rate / 2))].sum(axis=1)
+                      for lo, hi in ACOUSTIC_BANDS], axis=1)
+    bands = bands.reshape(n_frames, SUBSAMPLES, -1).mean(axis=1) + 1e-10
+    total = bands.sum(axis=1)
+    lev_db = 10.0 * np.log10(total)
+    speech = float(np.percentile(lev_db, 95)) if n_frames else 0.0
+    level = np.clip((lev_db - speech) / ACOUSTIC_RANGE_DB + 1.0, 0.0, 1.0)
+    half = max(1, int(round(ACOUSTIC_LOCAL_S * fps)))
+    padl = np.concatenate([np.full(half, level[0] if n_frames else 0.0), level, np.full(half, level[-1] if n_frames else 0.0)])
+    local = level - np.lib.stride_tricks.sliding_window_view(padl, 2 * half + 1).max(axis=1)
+    prev = np.concatenate([level[:1], level[:-1]])
+    nxt = np.concatenate([level[1:], level[-1:]])
+    share = np.clip(10.0 * np.log10(bands / total[:, None]) / 30.0, -1.5, 0.0)
+    f = np.column_stack([level, local, level - prev, level - nxt, share])
+    c = ACOUSTIC_CONTEXT
+    fp = np.concatenate([np.repeat(f[:1], c, 0), f, np.repeat(f[-1:], c, 0)]) if n_frames else f
+    return np.concatenate([fp[k: k + n_frames] for k in range(2 * c + 1)], axis=1)
+
+
 @dataclass(frozen=True)
 class VisemeModel:
     """Per-phone targets and dominance parameters (see module docstring)."""
@@ -58,21 +112,37 @@ class VisemeModel:
     lead_s: float  # the mouth leads the sound by this much (s)
     alpha: dict[str, float]  # phone -> dominance strength (1 if absent)
     meta: dict
+    #: (len(ACOUSTIC_NAMES) * (2 * ACOUSTIC_CONTEXT + 1),) weights of the acoustic evidence added
+    #: to the jaw track (see ``acoustic_features``); None: phones only.
+    acoustic_jaw: tuple[float, ...] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> VisemeModel:
         targets = {p: {a: float(d["targets"].get(p, {}).get(a, 0.0)) for a in ARTICULATORS} for p in PHONES}
         return cls(targets, {a: float(v) for a, v in d["theta"].items()},
                    {a: float(v) for a, v in d["theta_before"].items()}, float(d["lead_s"]),
-                   {p: float(v) for p, v in d.get("alpha", {}).items()}, dict(d.get("meta", {})))
+                   {p: float(v) for p, v in d.get("alpha", {}).items()}, dict(d.get("meta", {})),
+                   _acoustic_weights(d.get("acoustic_jaw")))
 
     def to_dict(self) -> dict:
-        return {"lead_s": self.lead_s, "theta": self.theta, "theta_before": self.theta_before,
-                "alpha": self.alpha, "targets": self.targets, "meta": self.meta}
+        out = {"lead_s": self.lead_s, "theta": self.theta, "theta_before": self.theta_before,
+               "alpha": self.alpha, "targets": self.targets, "meta": self.meta}
+        if self.acoustic_jaw is not None:
+            out["acoustic_jaw"] = list(self.acoustic_jaw)
+        return out
 
     def table(self, articulator: str) -> np.ndarray:
         """(len(PHONES),) targets of one articulator in PHONES order."""
         return np.array([self.targets[p][articulator] for p in PHONES])
+
+
+def _acoustic_weights(w) -> tuple[float, ...] | None:
+    if w is None:
+        return None
+    size = len(ACOUSTIC_NAMES) * (2 * ACOUSTIC_CONTEXT + 1)
+    if len(w) != size:
+        raise ValueError(f"acoustic_jaw has {len(w)} weights, the acoustic evidence has {size} features")
+    return tuple(float(v) for v in w)
 
 
 def phonetic_targets(phone: str) -> dict[str, float]:
@@ -132,7 +202,7 @@ def _inside(segments: list[PhoneSegment], phones: frozenset, times: np.ndarray) 
 
 
 def articulator_tracks(segments: list[PhoneSegment], n_frames: int, fps: int,
-                       model: VisemeModel | None = None) -> dict[str, np.ndarray]:
+                       model: VisemeModel | None = None, acoustic: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-video-frame articulator tracks for frames 0..n_frames-1 of a clip.
 
     Returns ``{"jaw", "round", "close", "labiodental", "teeth", "vowel"}`` -> (n_frames,) float
@@ -140,6 +210,8 @@ def articulator_tracks(segments: list[PhoneSegment], n_frames: int, fps: int,
     inside a recognised vowel). Each frame pools SUBSAMPLES
     evaluations over its own interval, shifted ``lead_s`` ahead: mean for jaw, round and teeth,
     max for labiodental contact; closure by mean (a frame half in a closure is half closed).
+    ``acoustic``: the clip's ``acoustic_features`` (n_frames rows); where the model has acoustic
+    weights, their contribution is added to the jaw track.
     """
     model = model or load_model()
     sub = (np.arange(n_frames * SUBSAMPLES) + 0.5) / (fps * SUBSAMPLES) + model.lead_s
@@ -157,6 +229,8 @@ def articulator_tracks(segments: list[PhoneSegment], n_frames: int, fps: int,
         v = v.reshape(n_frames, SUBSAMPLES)
         out[art] = v.max(axis=1) if art in MAX_POOLED else v.mean(axis=1)
     out["vowel"] = _inside(segments, VOWELS, sub).reshape(n_frames, SUBSAMPLES).mean(axis=1)
+    if model.acoustic_jaw is not None and acoustic is not None:
+        out["jaw"] = out["jaw"] + np.asarray(acoustic)[:n_frames] @ np.asarray(model.acoustic_jaw)
     out["jaw"] = np.clip(out["jaw"], 0.0, 1.0)
     out["round"] = np.clip(out["round"], -1.0, 1.0)
     for art in ("close", "labiodental", "teeth"):
