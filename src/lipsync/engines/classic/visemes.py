@@ -39,6 +39,10 @@ DOMINANCE_REACH_S = 0.5
 #: Phonetic (not fitted) targets: bilabial closure, labiodental contact, teeth visibility.
 BILABIAL = frozenset({"P", "B", "M"})
 LABIODENTAL = frozenset({"F", "V"})
+#: Time (s) over which the jaw eases shut at the edges of a pause (VisemeModel.pause_min_s).
+PAUSE_EASE_S = 0.08
+#: ... and only where the sound is this far (dB, then a 6 dB ramp) below the clip's speech level.
+PAUSE_QUIET_DB = 20.0
 #: Articulators pooled by max over a frame's sub-samples (the rest: mean).
 MAX_POOLED = ("labiodental",)
 VOWELS = frozenset({"AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW"})
@@ -58,6 +62,8 @@ ACOUSTIC_WINDOW_S = 0.032
 ACOUSTIC_RANGE_DB = 50.0
 #: Half-width (s) of the window a frame's level is compared with (syllable nucleus vs. margin).
 ACOUSTIC_LOCAL_S = 0.16
+#: Frames above this ``level`` (0..1) set the clip's mean band shares (see acoustic_features).
+ACOUSTIC_SPEECH_LEVEL = 0.5
 #: Frames of context on each side stacked into a frame's evidence.
 ACOUSTIC_CONTEXT = 2
 ACOUSTIC_NAMES = ("level", "local", "rise", "fall") + tuple(f"band{i}" for i in range(len(ACOUSTIC_BANDS)))
@@ -70,7 +76,8 @@ def acoustic_features(samples: np.ndarray, n_frames: int, fps: int, sample_rate:
     ``level`` (frame power relative to the clip's 95th-percentile frame, 0 = ACOUSTIC_RANGE_DB
     below, 1 = at it), ``local`` (level minus the max level within ±ACOUSTIC_LOCAL_S: a syllable
     nucleus is 0, the consonant between two syllables negative), ``rise``/``fall`` (level change
-    into / out of the frame), and the share of each ACOUSTIC_BANDS band in the frame's power (dB/30).
+    into / out of the frame), and the share of each ACOUSTIC_BANDS band in the frame's power (dB/30)
+    less its mean over the clip's speech frames (spectral mean normalisation).
     Each row stacks these for frames t-ACOUSTIC_CONTEXT..t+ACOUSTIC_CONTEXT (edges repeated).
     Independent of the recording level; numpy only.
     """
@@ -96,6 +103,12 @@ def acoustic_features(samples: np.ndarray, n_frames: int, fps: int, sample_rate:
     prev = np.concatenate([level[:1], level[:-1]])
     nxt = np.concatenate([level[1:], level[-1:]])
     share = np.clip(10.0 * np.log10(bands / total[:, None]) / 30.0, -1.5, 0.0)
+    # Per-clip spectral mean normalisation: the band shares relative to their mean over the clip's
+    # speech frames (within half the range of its speech level), so a voice's or a microphone's
+    # overall tilt does not open or close the mouth.
+    voiced = level > ACOUSTIC_SPEECH_LEVEL
+    if voiced.any():
+        share = share - share[voiced].mean(axis=0)
     f = np.column_stack([level, local, level - prev, level - nxt, share])
     c = ACOUSTIC_CONTEXT
     fp = np.concatenate([np.repeat(f[:1], c, 0), f, np.repeat(f[-1:], c, 0)]) if n_frames else f
@@ -115,6 +128,12 @@ class VisemeModel:
     #: (len(ACOUSTIC_NAMES) * (2 * ACOUSTIC_CONTEXT + 1),) weights of the acoustic evidence added
     #: to the jaw track (see ``acoustic_features``); None: phones only.
     acoustic_jaw: tuple[float, ...] | None = None
+    #: Inside a recognised vowel (a syllable nucleus) the jaw is at least this open, whatever
+    #: the neighbours pull it to (0..1; 0: no floor).
+    vowel_jaw_floor: float = 0.0
+    #: A recognised silence at least this long (s) is a pause: the jaw shuts inside it, easing in
+    #: and out over PAUSE_EASE_S (0: silences only pull by their fitted target).
+    pause_min_s: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> VisemeModel:
@@ -122,13 +141,18 @@ class VisemeModel:
         return cls(targets, {a: float(v) for a, v in d["theta"].items()},
                    {a: float(v) for a, v in d["theta_before"].items()}, float(d["lead_s"]),
                    {p: float(v) for p, v in d.get("alpha", {}).items()}, dict(d.get("meta", {})),
-                   _acoustic_weights(d.get("acoustic_jaw")))
+                   _acoustic_weights(d.get("acoustic_jaw")), float(d.get("vowel_jaw_floor", 0.0)),
+                   float(d.get("pause_min_s", 0.0)))
 
     def to_dict(self) -> dict:
         out = {"lead_s": self.lead_s, "theta": self.theta, "theta_before": self.theta_before,
                "alpha": self.alpha, "targets": self.targets, "meta": self.meta}
         if self.acoustic_jaw is not None:
             out["acoustic_jaw"] = list(self.acoustic_jaw)
+        if self.vowel_jaw_floor:
+            out["vowel_jaw_floor"] = self.vowel_jaw_floor
+        if self.pause_min_s:
+            out["pause_min_s"] = self.pause_min_s
         return out
 
     def table(self, articulator: str) -> np.ndarray:
@@ -231,6 +255,21 @@ def articulator_tracks(segments: list[PhoneSegment], n_frames: int, fps: int,
     out["vowel"] = _inside(segments, VOWELS, sub).reshape(n_frames, SUBSAMPLES).mean(axis=1)
     if model.acoustic_jaw is not None and acoustic is not None:
         out["jaw"] = out["jaw"] + np.asarray(acoustic)[:n_frames] @ np.asarray(model.acoustic_jaw)
+    if model.pause_min_s > 0:
+        pauses = [s for s in segments if s.phone == "SIL" and s.end - s.start >= model.pause_min_s]
+        inside = _inside(pauses, frozenset({"SIL"}), sub)
+        half = max(1, int(round(PAUSE_EASE_S * fps * SUBSAMPLES / 2)))
+        k = np.hanning(2 * half + 3)[1:-1]
+        inside = np.convolve(np.pad(inside, half, mode="edge"), k / k.sum(), mode="valid")
+        inside = inside.reshape(n_frames, SUBSAMPLES).mean(axis=1)
+        if acoustic is not None:  # ... and quiet: a silence the recognizer hears in speech-level sound is not a pause
+            below_db = ACOUSTIC_RANGE_DB * (1.0 - np.asarray(acoustic)[:n_frames, ACOUSTIC_CONTEXT * len(ACOUSTIC_NAMES)])
+            inside = inside * np.clip((below_db - PAUSE_QUIET_DB) / 6.0, 0.0, 1.0)
+        shut = 1.0 - inside
+        out["jaw"] = out["jaw"] * shut
+        out["teeth"] = out["teeth"] * shut
+    if model.vowel_jaw_floor:
+        out["jaw"] = np.maximum(out["jaw"], model.vowel_jaw_floor * out["vowel"])
     out["jaw"] = np.clip(out["jaw"], 0.0, 1.0)
     out["round"] = np.clip(out["round"], -1.0, 1.0)
     for art in ("close", "labiodental", "teeth"):
