@@ -11,11 +11,18 @@ phone evidence per frame (``visemes.phone_weights``). Then, for each (lead, thet
 * round targets = ridge regression of the real mouth width (per clip z-scored; narrower = rounder),
   scored the same way.
 
-The best grid point is refit on all dev clips; targets are scaled so silence is 0 and the most
-open phone 1 (rounding: the roundest phone +1). Bilabial closure, labiodental contact and teeth
+Only speech frames count (within SPEECH_BELOW_DB of the clip's level; pauses are shut by the
+engine's pause gate). Then the jaw gets acoustic evidence too (``visemes.acoustic_features``:
+level, syllable contrast, level changes, spectral-mean-normalised band shares, +-2 frames): a
+joint ridge regression (phone targets keep their penalty, the acoustic weights get one from
+ACOUSTIC_RIDGES), kept when it beats phones alone leave-one-speaker-out; its prediction is
+stretched so its 10th..95th percentiles on the dev frames span 0..1 (the offset folded into the
+phone targets, so those are contributions, not 0..1 openings). Without it, targets are scaled so
+silence is 0 and the most open phone 1. Rounding: the roundest phone +1. The vowel jaw floor and
+the long-silence pause (VOWEL_JAW_FLOOR, PAUSE_MIN_S) were chosen on the dev split. Bilabial closure, labiodental contact and teeth
 are phonetic facts (``visemes.phonetic_targets``). Deterministic: same inputs, same JSON.
 
-    python scripts/fit_visemes.py [--cases .cache/realsync] [--out PATH] [--tiny]
+    python scripts/fit_visemes.py [--cases .cache/realsync] [--out PATH] [--tiny] [--phones-only] [--all-frames]
 
 ``--tiny`` fits on two clips with one grid point (seconds; the CI check that the script runs).
 """
