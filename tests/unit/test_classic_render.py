@@ -391,3 +391,25 @@ def test_closed_lip_portrait_is_untouched_in_pauses(closed_renderer):
     z = np.zeros(n, np.float32)
     frames = closed_renderer.render(0, z, z, z, z, z, teeth=np.ones(n, np.float32)).data
     assert all(np.array_equal(f, closed_renderer.base_yuv) for f in frames)
+
+
+def test_render_runs_cv2_single_threaded_and_restores_the_setting(renderer, monkeypatch):
+    """OpenCV's worker threads cost more than they gain on mouth patches and fight the encoder
+    for the cores; rendering runs cv2 on one thread and leaves the process setting as it was."""
+    seen = []
+    real = FaceRenderer._mouth
+
+    def spy(self, coeffs):
+        seen.append(cv2.getNumThreads())
+        return real(self, coeffs)
+
+    monkeypatch.setattr(FaceRenderer, "_mouth", spy)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        renderer.clear_caches()
+        _render(renderer, jaw=0.61)
+        assert seen == [1]
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)

@@ -7,6 +7,7 @@ converting only the redrawn regions, so the untouched 80 % of every frame costs 
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 
@@ -25,6 +26,34 @@ from .rig import (
 )
 
 _OPEN_GAIN = JAW_LOWER + JAW_UPPER  # inner-lip gap (iod) added at jaw = 1
+
+# OpenCV's own worker threads cost more than they gain on patches this small (a 270x214 remap is
+# split into tasks of a few thousand pixels) and they fight the background H.264 encoder for the
+# cores: measured on the bundled portrait (198 mouth shapes, 2-core machine), 2.25 ms of CPU and
+# 3.3 ms of wall time per shape with cv2's default 2 threads, 1.35 ms (both) with one. Rendering
+# therefore runs with cv2 single-threaded; the process-wide setting is restored when the last
+# concurrent render ends (``_cv2_single_threaded``).
+_cv2_lock = threading.Lock()
+_cv2_users = 0
+_cv2_saved_threads = 0
+
+
+@contextlib.contextmanager
+def _cv2_single_threaded():
+    """cv2 calls use one thread while any render is running (counted across threads)."""
+    global _cv2_users, _cv2_saved_threads
+    with _cv2_lock:
+        if _cv2_users == 0:
+            _cv2_saved_threads = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+        _cv2_users += 1
+    try:
+        yield
+    finally:
+        with _cv2_lock:
+            _cv2_users -= 1
+            if _cv2_users == 0:
+                cv2.setNumThreads(_cv2_saved_threads)
 
 
 class FaceRenderer:
@@ -307,6 +336,10 @@ class FaceRenderer:
                labiodental=None, teeth=None) -> Frames:
         """I420 frames for per-frame control arrays (all of length n; ``head`` (n, 3) degrees;
         ``labiodental`` and ``teeth`` 0..1, None meaning zeros)."""
+        with _cv2_single_threaded():
+            return self._render(first_frame, jaw, lip_round, lip_close, blink, brow, head, labiodental, teeth)
+
+    def _render(self, first_frame, jaw, lip_round, lip_close, blink, brow, head, labiodental, teeth) -> Frames:
         n = len(jaw)
         h, w = self.height, self.width
         lab = np.zeros(n, np.float32) if labiodental is None else np.asarray(labiodental, np.float32)
