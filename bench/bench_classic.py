@@ -9,7 +9,7 @@ For a 10 s and a 60 s clip (the bundled speech, tiled), in one run on this machi
   encoder settings, with the same audio (``lipsync.video.encode_floor``);
 - cold minus warm: a first request for a portrait not in the cache (face detection, crop and
   rig build) against the warm request, detector already loaded;
-- peak RSS: a fresh process generating the clip (``ru_maxrss`` of the child).
+- peak RSS: a fresh process generating the clip (its own ``VmHWM``, see ``_peak_rss_mb``).
 Prints a markdown table. Ratios are what to compare across machines, not absolute times.
 """
 from __future__ import annotations
@@ -39,6 +39,21 @@ def _clip(seconds: float):
     return AudioClip(samples, base.sample_rate)
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size in MB: ``VmHWM`` of /proc/self/status (Linux).
+
+    Not ``getrusage(...).ru_maxrss``: Linux carries that across execve, so a child started by
+    ``subprocess`` (vfork + exec) reports the *parent's* peak. (Elsewhere: ru_maxrss.)
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _child(seconds: float, cache: str) -> None:
     """Generate once in this (fresh) process and print the peak RSS in MB."""
     from lipsync.pipeline import LipSyncPipeline
@@ -46,8 +61,9 @@ def _child(seconds: float, cache: str) -> None:
     pipe = LipSyncPipeline.from_settings(cache_dir=cache)
     clip = _clip(seconds)
     with tempfile.TemporaryDirectory() as tmp:
-        pipe.generate(clip, Path(tmp) / "out.mp4")
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+        res = pipe.generate(clip, Path(tmp) / "out.mp4")
+    print(f"child: stages {res.times.as_dict()}", file=sys.stderr)
+    print(_peak_rss_mb())
 
 
 def main() -> int:
@@ -99,7 +115,7 @@ def main() -> int:
                 cold.append(time.perf_counter() - t)
             rss = float(subprocess.run(
                 [sys.executable, __file__, "--child", str(seconds), "--cache", str(warm_cache)],
-                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+                stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1])
             w = statistics.median(warm)
             rows.append({
                 "seconds": seconds, "frames": n, "warm_s": w, "per_speech_s": w / seconds,
