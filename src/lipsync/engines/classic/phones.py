@@ -22,6 +22,7 @@ after the other, with identical results.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import math
 import os
@@ -317,7 +318,7 @@ def recognize(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> list[Phone
     cep = batch_cmn(d.cepstra(pcm))
     frames = [b // hop for b in piece_bounds(pcm)]
     frames[-1] = len(cep)
-    pieces = [(a, cep[a:b]) for a, b in zip(frames, frames[1:])]
+    pieces = [(a, cep[a:b]) for a, b in itertools.pairwise(frames)]
     if len(pieces) == 1:
         return _segments([(0, d.decode(cep))])
     decoded = _executor().map(lambda piece: _decoder().decode(piece[1]), pieces)

@@ -115,14 +115,14 @@ class FaceRenderer:
         (0..1) lifts the upper lip off the teeth, only as far as the mouth is open (so a shut
         mouth stays shut whatever the track says).
         """
-        one = lambda v: np.array([v], np.float64)  # noqa: E731
+        one = lambda v: np.array([v], np.float64)
         return self.coefficients_batch(one(jaw), one(lip_close), one(lip_round), one(labiodental), one(teeth))[0]
 
     def coefficients_batch(self, jaw, lip_close, lip_round, labiodental, teeth) -> np.ndarray:
         """``coefficients`` for n frames at once: (n,) arrays in, (n, 6) float32 out (computed
         in float64 like the per-frame formula, so the weights are the same to the bit)."""
         r = self.rig
-        f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+        f64 = lambda v: np.asarray(v, np.float64)
         close = np.clip(f64(lip_close), 0.0, 1.0)
         lab = np.clip(f64(labiodental), 0.0, 1.0) * (1.0 - close)
         opening = np.maximum(0.0, f64(jaw)) * (1.0 - close) * (1.0 - lab)
