@@ -29,8 +29,9 @@ _OPEN_GAIN = JAW_LOWER + JAW_UPPER  # inner-lip gap (iod) added at jaw = 1
 
 # OpenCV's own worker threads cost more than they gain on patches this small (a 270x214 remap is
 # split into tasks of a few thousand pixels) and they fight the background H.264 encoder for the
-# cores: measured on the bundled portrait (198 mouth shapes, 2-core machine), 2.25 ms of CPU and
-# 3.3 ms of wall time per shape with cv2's default 2 threads, 1.35 ms (both) with one. Rendering
+# cores: measured on the bundled portrait (198 mouth shapes, 2-core machine shared with other
+# work, the two settings interleaved six times in one process), median 4.0 ms wall and 2.3 ms CPU
+# per new mouth shape with cv2's default 2 threads, 2.7 ms wall and 1.8 ms CPU with one. Rendering
 # therefore runs with cv2 single-threaded; the process-wide setting is restored when the last
 # concurrent render ends (``_cv2_single_threaded``).
 _cv2_lock = threading.Lock()
