@@ -4,12 +4,13 @@
     python bench/bench_classic.py [--repeat 3] [--json out.json]
 
 For a 10 s and a 60 s clip (the bundled speech, tiled), in one run on this machine:
-- warm generate: avatar cached, process warm; median wall time of ``--repeat`` runs;
+- warm generate: avatar cached, process warm; median wall time of ``--repeat`` runs, and the
+  median process CPU time (all threads) per second of speech;
 - floor: the same number of frames of the static portrait through the same MP4 writer and
   encoder settings, with the same audio (``lipsync.video.encode_floor``);
 - cold minus warm: a first request for a portrait not in the cache (face detection, crop and
   rig build) against the warm request, detector already loaded;
-- peak RSS: a fresh process generating the clip (``ru_maxrss`` of the child).
+- peak RSS: a fresh process generating the clip (its own ``VmHWM``, see ``_peak_rss_mb``).
 Prints a markdown table. Ratios are what to compare across machines, not absolute times.
 """
 from __future__ import annotations
@@ -39,6 +40,21 @@ def _clip(seconds: float):
     return AudioClip(samples, base.sample_rate)
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size in MB: ``VmHWM`` of /proc/self/status (Linux).
+
+    Not ``getrusage(...).ru_maxrss``: Linux carries that across execve, so a child started by
+    ``subprocess`` (vfork + exec) reports the *parent's* peak. (Elsewhere: ru_maxrss.)
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _child(seconds: float, cache: str) -> None:
     """Generate once in this (fresh) process and print the peak RSS in MB."""
     from lipsync.pipeline import LipSyncPipeline
@@ -46,8 +62,9 @@ def _child(seconds: float, cache: str) -> None:
     pipe = LipSyncPipeline.from_settings(cache_dir=cache)
     clip = _clip(seconds)
     with tempfile.TemporaryDirectory() as tmp:
-        pipe.generate(clip, Path(tmp) / "out.mp4")
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+        res = pipe.generate(clip, Path(tmp) / "out.mp4")
+    print(f"child: stages {res.times.as_dict()}", file=sys.stderr)
+    print(_peak_rss_mb())
 
 
 def main() -> int:
@@ -79,13 +96,14 @@ def main() -> int:
         for seconds in args.seconds:
             clip = _clip(seconds)
             n = clip.n_frames(25)
-            warm = []
+            warm, cpu = [], []
             for _ in range(args.repeat):
                 # unseen speech: start without rendered mouth patches from the previous run
                 getattr(pipe.engine, "clear_caches", lambda: None)()
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 res = pipe.generate(clip, tmp / "out.mp4", avatar=avatar)
                 warm.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)  # all threads: render, decoders, encoder
             floor = statistics.median(
                 encode_floor(n, audio=clip, image=np.asarray(avatar.image)) for _ in range(args.repeat))
             cold = []
@@ -99,20 +117,22 @@ def main() -> int:
                 cold.append(time.perf_counter() - t)
             rss = float(subprocess.run(
                 [sys.executable, __file__, "--child", str(seconds), "--cache", str(warm_cache)],
-                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+                stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1])
             w = statistics.median(warm)
             rows.append({
                 "seconds": seconds, "frames": n, "warm_s": w, "per_speech_s": w / seconds,
+                "cpu_per_speech_s": statistics.median(cpu) / seconds,
                 "fps": n / w, "floor_s": floor, "ratio": w / floor,
                 "cold_minus_warm_s": statistics.median(cold) - w, "peak_rss_mb": rss,
                 "stages": {k: round(v, 3) for k, v in res.times.as_dict().items()},
             })
     print(f"detector load (once per process): {detector_load:.2f} s; cpu count {os.cpu_count()}")
-    print("| speech | frames | warm generate | s per s of speech | frames/s | encode-only floor | "
-          "ratio to floor | cold − warm | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| speech | frames | warm generate | s per s of speech | CPU s per s of speech | frames/s | "
+          "encode-only floor | ratio to floor | cold − warm | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seconds']:.0f} s | {r['frames']} | {r['warm_s']:.2f} s | {r['per_speech_s']:.3f} | "
+              f"{r['cpu_per_speech_s']:.3f} | "
               f"{r['fps']:.0f} | {r['floor_s']:.2f} s | {r['ratio']:.2f}× | {r['cold_minus_warm_s']:.2f} s | "
               f"{r['peak_rss_mb']:.0f} MB |")
     for r in rows:

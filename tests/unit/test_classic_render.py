@@ -391,3 +391,49 @@ def test_closed_lip_portrait_is_untouched_in_pauses(closed_renderer):
     z = np.zeros(n, np.float32)
     frames = closed_renderer.render(0, z, z, z, z, z, teeth=np.ones(n, np.float32)).data
     assert all(np.array_equal(f, closed_renderer.base_yuv) for f in frames)
+
+
+def test_render_runs_cv2_single_threaded_and_restores_the_setting(renderer, monkeypatch):
+    """OpenCV's worker threads cost more than they gain on mouth patches and fight the encoder
+    for the cores; rendering runs cv2 on one thread and leaves the process setting as it was."""
+    seen = []
+    real = FaceRenderer._mouth
+
+    def spy(self, coeffs):
+        seen.append(cv2.getNumThreads())
+        return real(self, coeffs)
+
+    monkeypatch.setattr(FaceRenderer, "_mouth", spy)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        renderer.clear_caches()
+        _render(renderer, jaw=0.61)
+        assert seen == [1]
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
+
+
+def test_batch_coefficients_equal_the_per_frame_formula(renderer):
+    """The renderer computes all frames' basis weights at once; they must be the per-frame
+    formula's to the bit (they are the patch cache's keys), with no negative zeros."""
+    from lipsync.engines.classic.render import _OPEN_GAIN
+
+    rng = np.random.default_rng(3)
+    n = 400
+    jaw, close, lab, teeth = (rng.uniform(-0.2, 1.2, n).astype(np.float32) for _ in range(4))
+    rnd = rng.uniform(-1.2, 1.2, n).astype(np.float32)
+    close[::7] = 0.0
+    rnd[::5] = 0.0
+    got = renderer.coefficients_batch(jaw, close, rnd, lab, teeth)
+    r = renderer.rig
+    for i in range(n):
+        c = float(np.clip(close[i], 0.0, 1.0))
+        lb = float(np.clip(lab[i], 0.0, 1.0)) * (1.0 - c)
+        opening = max(0.0, float(jaw[i])) * (1.0 - c) * (1.0 - lb)
+        gap = opening * _OPEN_GAIN
+        c_jaw, c_close = ((gap - r.rest_gap) / _OPEN_GAIN, 0.0) if gap >= r.rest_gap else (0.0, (r.rest_gap - gap) / r.rest_gap)
+        lift = max(lb, float(np.clip(teeth[i], 0.0, 1.0)) * min(1.0, opening / 0.15))
+        want = np.array([c_jaw, c_close, max(0.0, float(rnd[i])), max(0.0, -float(rnd[i])), lift, lb], np.float32)
+        assert got[i].tobytes() == want.tobytes(), (i, got[i], want)

@@ -7,6 +7,7 @@ converting only the redrawn regions, so the untouched 80 % of every frame costs 
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 
@@ -25,6 +26,35 @@ from .rig import (
 )
 
 _OPEN_GAIN = JAW_LOWER + JAW_UPPER  # inner-lip gap (iod) added at jaw = 1
+
+# OpenCV's own worker threads cost more than they gain on patches this small (a 270x214 remap is
+# split into tasks of a few thousand pixels) and they fight the background H.264 encoder for the
+# cores: measured on the bundled portrait (198 mouth shapes, 2-core machine shared with other
+# work, the two settings interleaved six times in one process), median 4.0 ms wall and 2.3 ms CPU
+# per new mouth shape with cv2's default 2 threads, 2.7 ms wall and 1.8 ms CPU with one. Rendering
+# therefore runs with cv2 single-threaded; the process-wide setting is restored when the last
+# concurrent render ends (``_cv2_single_threaded``).
+_cv2_lock = threading.Lock()
+_cv2_users = 0
+_cv2_saved_threads = 0
+
+
+@contextlib.contextmanager
+def _cv2_single_threaded():
+    """cv2 calls use one thread while any render is running (counted across threads)."""
+    global _cv2_users, _cv2_saved_threads
+    with _cv2_lock:
+        if _cv2_users == 0:
+            _cv2_saved_threads = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+        _cv2_users += 1
+    try:
+        yield
+    finally:
+        with _cv2_lock:
+            _cv2_users -= 1
+            if _cv2_users == 0:
+                cv2.setNumThreads(_cv2_saved_threads)
 
 
 class FaceRenderer:
@@ -86,21 +116,29 @@ class FaceRenderer:
         (0..1) lifts the upper lip off the teeth, only as far as the mouth is open (so a shut
         mouth stays shut whatever the track says).
         """
+        one = lambda v: np.array([v], np.float64)
+        return self.coefficients_batch(one(jaw), one(lip_close), one(lip_round), one(labiodental), one(teeth))[0]
+
+    def coefficients_batch(self, jaw, lip_close, lip_round, labiodental, teeth) -> np.ndarray:
+        """``coefficients`` for n frames at once: (n,) arrays in, (n, 6) float32 out (computed
+        in float64 like the per-frame formula, so the weights are the same to the bit)."""
         r = self.rig
-        close = float(np.clip(lip_close, 0.0, 1.0))
-        lab = float(np.clip(labiodental, 0.0, 1.0)) * (1.0 - close)
-        opening = max(0.0, float(jaw)) * (1.0 - close) * (1.0 - lab)
+        f64 = lambda v: np.asarray(v, np.float64)
+        close = np.clip(f64(lip_close), 0.0, 1.0)
+        lab = np.clip(f64(labiodental), 0.0, 1.0) * (1.0 - close)
+        opening = np.maximum(0.0, f64(jaw)) * (1.0 - close) * (1.0 - lab)
         gap = opening * _OPEN_GAIN  # target inner-lip gap at the centre, iod
-        if gap >= r.rest_gap:
-            c_jaw = (gap - r.rest_gap) / _OPEN_GAIN
-            c_close = 0.0
+        wide = gap >= r.rest_gap
+        c_jaw = np.where(wide, (gap - r.rest_gap) / _OPEN_GAIN, 0.0)
+        if r.rest_gap > 1e-4:
+            c_close = np.where(wide, 0.0, (r.rest_gap - gap) / r.rest_gap)
         else:
-            c_jaw = 0.0
-            c_close = (r.rest_gap - gap) / r.rest_gap if r.rest_gap > 1e-4 else 0.0
-        c_round = max(0.0, float(lip_round))
-        c_spread = max(0.0, -float(lip_round))
-        c_lift = max(lab, float(np.clip(teeth, 0.0, 1.0)) * min(1.0, opening / 0.15))
-        return np.array([c_jaw, c_close, c_round, c_spread, c_lift, lab], dtype=np.float32)
+            c_close = np.zeros_like(gap)
+        c_round = np.maximum(0.0, f64(lip_round))
+        c_spread = np.maximum(0.0, -f64(lip_round))
+        c_lift = np.maximum(lab, np.clip(f64(teeth), 0.0, 1.0) * np.minimum(1.0, opening / 0.15))
+        # + 0.0 turns -0.0 (np.maximum(0.0, -0.0)) into 0.0: the weights are cache keys, byte-wise
+        return (np.stack([c_jaw, c_close, c_round, c_spread, c_lift, lab], axis=1) + 0.0).astype(np.float32)
 
     # ------------------------------------------------------------------ mouth
     def _mouth(self, coeffs: np.ndarray) -> np.ndarray:
@@ -307,6 +345,10 @@ class FaceRenderer:
                labiodental=None, teeth=None) -> Frames:
         """I420 frames for per-frame control arrays (all of length n; ``head`` (n, 3) degrees;
         ``labiodental`` and ``teeth`` 0..1, None meaning zeros)."""
+        with _cv2_single_threaded():
+            return self._render(first_frame, jaw, lip_round, lip_close, blink, brow, head, labiodental, teeth)
+
+    def _render(self, first_frame, jaw, lip_round, lip_close, blink, brow, head, labiodental, teeth) -> Frames:
         n = len(jaw)
         h, w = self.height, self.width
         lab = np.zeros(n, np.float32) if labiodental is None else np.asarray(labiodental, np.float32)
@@ -317,9 +359,11 @@ class FaceRenderer:
             return self._render_moving(first_frame, out, jaw, lip_round, lip_close, blink, brow, head, lab, tee)
         blink_q = np.round(np.asarray(blink, np.float64) * EYE_STEPS) / EYE_STEPS
         brow_q = np.round(np.asarray(brow, np.float64) * EYE_STEPS) / EYE_STEPS
+        all_coeffs = _quantize(self.coefficients_batch(jaw, lip_close, lip_round, lab, tee))
+        shaped = np.any(all_coeffs > 0, axis=1)
         for i in range(n):
-            coeffs = _quantize(self.coefficients(jaw[i], lip_close[i], lip_round[i], lab[i], tee[i]))
-            if np.any(coeffs > 0):
+            coeffs = all_coeffs[i]
+            if shaped[i]:
                 _paste_planes(out[i], self.mouth_patch(coeffs), self._mx0, self._my0, h, w)
             eyes = self.eye_patch(float(blink_q[i]), float(brow_q[i]))
             if eyes is not None:
