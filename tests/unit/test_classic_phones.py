@@ -102,3 +102,18 @@ def test_decoding_releases_the_gil(speech):
     # With the GIL held (the Cython binding) this loop stalls for the whole decode; released, it
     # only ever waits a few of the interpreter's 5 ms switch intervals.
     assert longest < 0.25 * took[0], (longest, took[0])
+
+
+def test_untested_pocketsphinx_release_uses_the_cython_binding(speech, monkeypatch):
+    # The ctypes signatures are PocketSphinx 5.1's: another release must not be called through
+    # them (a changed signature would crash the process), and the result stays the library's own.
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "5.2.0" if name == "pocketsphinx" else real_version(name))
+    monkeypatch.setattr(phones, "_lib", None)
+    assert phones._c_api() is None
+    x = speech[: 5 * SR]
+    assert phones.recognize(x) == _whole_clip(x)
+    monkeypatch.setattr(phones, "_lib", None)  # found again (5.1) once the patch is undone

@@ -25,10 +25,12 @@ server with no idle core gains nothing from the second thread.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import itertools
 import json
 import math
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,6 +94,9 @@ def _config() -> dict:
             "backtrace": False}
 
 
+#: PocketSphinx releases whose C API the ctypes path was written and tested against.
+_C_API_RELEASE = re.compile(r"5\.1\.\d+$")
+
 _lib_lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = None  # False: the C API is not reachable, use the Cython binding
 
@@ -102,6 +107,10 @@ def _c_api() -> ctypes.CDLL | None:
     with _lib_lock:
         if _lib is None:
             try:
+                # The ctypes signatures below are those of PocketSphinx 5.1 (pocketsphinx.h); other
+                # releases may change them, so they use the Cython binding instead.
+                if not _C_API_RELEASE.match(importlib.metadata.version("pocketsphinx")):
+                    raise ImportError("untested PocketSphinx release")
                 from pocketsphinx import _pocketsphinx
 
                 lib = ctypes.CDLL(_pocketsphinx.__file__)  # CDLL: the GIL is released in each call
@@ -127,7 +136,7 @@ def _c_api() -> ctypes.CDLL | None:
                     f = getattr(lib, name)
                     f.restype, f.argtypes = res, args
                 _lib = lib
-            except (ImportError, OSError, AttributeError):
+            except (ImportError, OSError, AttributeError, importlib.metadata.PackageNotFoundError):
                 _lib = False
         return _lib or None
 
