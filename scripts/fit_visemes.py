@@ -11,18 +11,11 @@ phone evidence per frame (``visemes.phone_weights``). Then, for each (lead, thet
 * round targets = ridge regression of the real mouth width (per clip z-scored; narrower = rounder),
   scored the same way.
 
-Only speech frames count (within SPEECH_BELOW_DB of the clip's level; pauses are shut by the
-engine's pause gate). Then the jaw gets acoustic evidence too (``visemes.acoustic_features``:
-level, syllable contrast, level changes, spectral-mean-normalised band shares, +-2 frames): a
-joint ridge regression (phone targets keep their penalty, the acoustic weights get one from
-ACOUSTIC_RIDGES), kept when it beats phones alone leave-one-speaker-out; its prediction is
-stretched so its 10th..95th percentiles on the dev frames span 0..1 (the offset folded into the
-phone targets, so those are contributions, not 0..1 openings). Without it, targets are scaled so
-silence is 0 and the most open phone 1. Rounding: the roundest phone +1. The vowel jaw floor and
-the long-silence pause (VOWEL_JAW_FLOOR, PAUSE_MIN_S) were chosen on the dev split. Bilabial closure, labiodental contact and teeth
+The best grid point is refit on all dev clips; targets are scaled so silence is 0 and the most
+open phone 1 (rounding: the roundest phone +1). Bilabial closure, labiodental contact and teeth
 are phonetic facts (``visemes.phonetic_targets``). Deterministic: same inputs, same JSON.
 
-    python scripts/fit_visemes.py [--cases .cache/realsync] [--out PATH] [--tiny] [--phones-only] [--all-frames]
+    python scripts/fit_visemes.py [--cases .cache/realsync] [--out PATH] [--tiny]
 
 ``--tiny`` fits on two clips with one grid point (seconds; the CI check that the script runs).
 """
@@ -47,21 +40,6 @@ LEADS = (-0.04, -0.02, 0.0, 0.02, 0.04, 0.06)
 THETAS = (15.0, 25.0, 40.0, 60.0)
 ROUND_THETA_BEFORE = (5.0, 8.0, 12.0)
 RIDGES = (3.0, 10.0, 30.0)
-#: Ridge penalties searched for the acoustic evidence's weights (the phone targets keep theirs).
-ACOUSTIC_RIDGES = (10.0, 30.0, 100.0, 300.0)
-#: Frames whose level (40 ms RMS at the frame centre) is this far (dB) below the clip's
-#: 95th-percentile frame are left out of the fit and the scores: pauses, where the engine's pause
-#: gate shuts the mouth anyway (the judge, realsync.py, scores frames within 30 dB).
-SPEECH_BELOW_DB = 30.0
-#: Jaw floor inside a recognised vowel (``VisemeModel.vowel_jaw_floor``). Chosen on the dev split:
-#: the lowest of 0.3/0.35/0.4/0.45 that opens >= 0.9 of the open vowels of the dev aligned clip
-#: (en_espeak: 0.81 without, short ER between bilabials), at the smallest cost in leave-one-speaker-
-#: out real_corr (0.447 without, 0.434 with 0.35).
-VOWEL_JAW_FLOOR = 0.35
-#: A recognised silence this long (s) and quiet (visemes.PAUSE_QUIET_DB) shuts the jaw
-#: (``VisemeModel.pause_min_s``). Chosen on the dev split (leave-one-speaker-out, with the vowel
-#: floor): 0.2 s costs real_corr (0.409), 0.5 s does not (0.445 against 0.434 without).
-PAUSE_MIN_S = 0.5
 #: Dominance strength of vowels relative to consonants (Cohen-Massaro alpha), searched.
 VOWEL_ALPHAS = (1.0, 2.0, 4.0)
 #: Phonetic priors the ridge shrinks towards (a phone seen rarely keeps its textbook shape):
@@ -97,21 +75,9 @@ def load_cases(cases: Path, tiny: bool) -> list[dict]:
             raise SystemExit(f"missing prepared clip {d} (run scripts/build_corpus.py first)")
         ref = json.loads((d / "reference.json").read_text())
         samples = read_wav(d / "speech.wav")
-        n = len(ref["opening"])
         out.append({"name": c["name"], "speaker": c["speaker"], "segments": ph.recognize(samples),
-                    "opening": np.array(ref["opening"]), "width": np.array(ref["width"]), "samples": samples,
-                    "acoustic": vz.acoustic_features(samples, n, FPS), "speech": speech_frames(samples, n)})
+                    "opening": np.array(ref["opening"]), "width": np.array(ref["width"]), "samples": samples})
     return out
-
-
-def speech_frames(samples: np.ndarray, n: int) -> np.ndarray:
-    """(n,) bool: frames within SPEECH_BELOW_DB of the clip's 95th-percentile level (40 ms RMS)."""
-    half = int(0.02 * ph.SAMPLE_RATE)
-    centres = ((np.arange(n) + 0.5) * ph.SAMPLE_RATE / FPS).astype(int)
-    sq = np.concatenate([[0.0], np.cumsum(np.asarray(samples, np.float64) ** 2)])
-    lo, hi = np.clip(centres - half, 0, len(samples)), np.clip(centres + half, 0, len(samples))
-    level = 10 * np.log10((sq[hi] - sq[lo]) / np.maximum(hi - lo, 1) + 1e-10)
-    return level > np.percentile(level, 95) - SPEECH_BELOW_DB
 
 
 def scaled_opening(op: np.ndarray) -> np.ndarray:
@@ -134,14 +100,13 @@ def evidence(case: dict, lead: float, theta: float, theta_before: float, va: flo
     return w.reshape(n, vz.SUBSAMPLES, -1).mean(axis=1)
 
 
-def ridge(x: np.ndarray, y: np.ndarray, lam, prior: np.ndarray) -> np.ndarray:
-    """Ridge regression shrunk towards ``prior`` (``lam``: one penalty, or one per column). Phone
-    weight rows sum to 1, so there is no intercept: each coefficient is a phone's own target."""
-    lam = np.broadcast_to(np.asarray(lam, dtype=np.float64), (x.shape[1],))
-    return np.linalg.solve(x.T @ x + np.diag(lam), x.T @ y + lam * prior)
+def ridge(x: np.ndarray, y: np.ndarray, lam: float, prior: np.ndarray) -> np.ndarray:
+    """Ridge regression shrunk towards ``prior``. Weight rows sum to 1, so there is no
+    intercept: each coefficient is a phone's own target."""
+    return np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y + lam * prior)
 
 
-def loso(cases: list[dict], xs: list[np.ndarray], ys: list[np.ndarray], lam, prior: np.ndarray) -> float:
+def loso(cases: list[dict], xs: list[np.ndarray], ys: list[np.ndarray], lam: float, prior: np.ndarray) -> float:
     """Mean over held-out speakers of the correlation of the prediction with the real track."""
     speakers = sorted({c["speaker"] for c in cases})
     if len(speakers) < 2:
@@ -159,68 +124,37 @@ def loso(cases: list[dict], xs: list[np.ndarray], ys: list[np.ndarray], lam, pri
     return float(np.mean(scores))
 
 
-def fit(cases: list[dict], tiny: bool, acoustic: bool = True, speech_only: bool = True) -> dict:
-    """The model dict (``viseme_model.json``) fit on ``cases`` (see the module docstring)."""
-    leads, thetas, rthetas, ridges, vas, aridges = (((0.02,), (25.0,), (8.0,), (10.0,), (1.0,), (30.0,)) if tiny
-                                                    else (LEADS, THETAS, ROUND_THETA_BEFORE, RIDGES, VOWEL_ALPHAS,
-                                                          ACOUSTIC_RIDGES))
+def fit(cases: list[dict], tiny: bool) -> dict:
+    leads, thetas, rthetas, ridges, vas = (((0.02,), (25.0,), (8.0,), (10.0,), (1.0,)) if tiny
+                                           else (LEADS, THETAS, ROUND_THETA_BEFORE, RIDGES, VOWEL_ALPHAS))
     open_prior = np.array([OPEN_PRIOR.get(p, 0.0) for p in ph.PHONES])
     # width is z-scored: a rounder mouth is narrower, so the prior is minus the rounding
     width_prior = -np.array([ROUND_PRIOR.get(p, 0.0) for p in ph.PHONES])
-    keep = [c["speech"] if speech_only else np.ones(len(c["opening"]), bool) for c in cases]
-    y_open = [scaled_opening(c["opening"])[k] for c, k in zip(cases, keep)]
-    y_width = [zscore(c["width"])[k] for c, k in zip(cases, keep)]
-
-    def ev(L, t, tb, va):
-        return [evidence(c, L, t, tb, va)[k] for c, k in zip(cases, keep)]
-
-    best_jaw = max((loso(cases, ev(L, t, t, va), y_open, lam, open_prior), L, t, lam, va)
+    y_open = [scaled_opening(c["opening"]) for c in cases]
+    y_width = [zscore(c["width"]) for c in cases]
+    best_jaw = max((loso(cases, [evidence(c, L, t, t, va) for c in cases], y_open, lam, open_prior), L, t, lam, va)
                    for L in leads for t in thetas for lam in ridges for va in vas)
     _, lead, theta, lam, va = best_jaw
-    best_round = max((loso(cases, ev(lead, theta, tb, va), y_width, rl, width_prior), tb, rl)
+    best_round = max((loso(cases, [evidence(c, lead, theta, tb, va) for c in cases], y_width, rl, width_prior), tb, rl)
                      for tb in rthetas for rl in ridges)
     _, theta_round_before, lam_round = best_round
 
-    xs = ev(lead, theta, theta, va)
-    n_ac = cases[0]["acoustic"].shape[1]
-    best_ac = (-np.inf, None)
-    if acoustic:
-        xa = [np.hstack([x, c["acoustic"][k]]) for x, c, k in zip(xs, cases, keep)]
-        prior_a = np.concatenate([open_prior, np.zeros(n_ac)])
-        best_ac = max((loso(cases, xa, y_open, np.concatenate([np.full(len(ph.PHONES), lam), np.full(n_ac, al)]),
-                            prior_a), al) for al in aridges)
-    use_ac = best_ac[0] > best_jaw[0]
-    if use_ac:
-        al = best_ac[1]
-        x = np.concatenate(xa)
-        coef = ridge(x, np.concatenate(y_open), np.concatenate([np.full(len(ph.PHONES), lam), np.full(n_ac, al)]),
-                     prior_a)
-        # The prediction regresses towards the mean: stretch it so its 10th..95th percentiles on
-        # the dev frames span 0..1 like the target's (phone rows sum to 1: the offset goes into
-        # the phone targets).
-        pred = x @ coef
-        lo, hi = np.percentile(pred, [10, 95])
-        gain = 1.0 / max(hi - lo, 1e-6)
-        jaw = gain * (coef[: len(ph.PHONES)] - lo)
-        acoustic_jaw = [round(float(v), 5) for v in gain * coef[len(ph.PHONES):]]
-    else:
-        x = np.concatenate(xs)
-        jaw = np.clip(ridge(x, np.concatenate(y_open), lam, open_prior), 0.0, None)
-        jaw = jaw / max(float(jaw.max()), 1e-6)  # the most open phone opens fully
-        acoustic_jaw = None
-    xr = np.concatenate(ev(lead, theta, theta_round_before, va))
+    x = np.concatenate([evidence(c, lead, theta, theta, va) for c in cases])
+    jaw = np.clip(ridge(x, np.concatenate(y_open), lam, open_prior), 0.0, None)
+    jaw = jaw / max(float(jaw.max()), 1e-6)  # the most open phone opens fully
+    xr = np.concatenate([evidence(c, lead, theta, theta_round_before, va) for c in cases])
     width = ridge(xr, np.concatenate(y_width), lam_round, width_prior)
     rnd = np.clip(-width, -1.0, 1.0)
     targets = {}
     for i, p in enumerate(ph.PHONES):
         t = {"jaw": round(float(jaw[i]), 4), "round": round(float(rnd[i]), 4)}
         t.update(vz.phonetic_targets(p))
-        if (p in vz.BILABIAL or p == "SIL") and not use_ac:  # lips together: shut for P/B/M, at rest in pauses
+        if p in vz.BILABIAL or p == "SIL":  # lips together: shut for P/B/M, at rest in pauses
             t["jaw"] = 0.0
         if p == "SIL":
             t["round"] = 0.0
         targets[p] = t
-    model = {
+    return {
         "lead_s": lead,
         "theta": {"jaw": theta, "round": theta, "close": 60.0, "labiodental": 60.0, "teeth": theta},
         "theta_before": {"jaw": theta, "round": theta_round_before, "close": 60.0, "labiodental": 60.0,
@@ -229,17 +163,9 @@ def fit(cases: list[dict], tiny: bool, acoustic: bool = True, speech_only: bool 
         "targets": targets,
         "meta": {"fitted_by": "scripts/fit_visemes.py" + (" --tiny" if tiny else ""),
                  "dev_clips": [c["name"] for c in cases],
-                 "loso_corr_opening_phones": round(best_jaw[0], 4),
-                 "loso_corr_opening": round(max(best_jaw[0], best_ac[0]), 4),
-                 "loso_corr_width": round(best_round[0], 4), "speech_frames_only": speech_only,
-                 "ridge_jaw": lam, "ridge_acoustic": best_ac[1] if use_ac else None,
-                 "ridge_round": lam_round, "fps": FPS},
+                 "loso_corr_opening": round(best_jaw[0], 4), "loso_corr_width": round(best_round[0], 4),
+                 "ridge_jaw": lam, "ridge_round": lam_round, "fps": FPS},
     }
-    if use_ac:
-        model["acoustic_jaw"] = acoustic_jaw
-    model["vowel_jaw_floor"] = VOWEL_JAW_FLOOR
-    model["pause_min_s"] = PAUSE_MIN_S
-    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,10 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", type=Path, default=ROOT / ".cache" / "realsync")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--phones-only", action="store_true", help="no acoustic evidence in the jaw track")
-    ap.add_argument("--all-frames", action="store_true", help="fit on pauses too (default: speech frames)")
     a = ap.parse_args(argv)
-    model = fit(load_cases(a.cases, a.tiny), a.tiny, acoustic=not a.phones_only, speech_only=not a.all_frames)
+    model = fit(load_cases(a.cases, a.tiny), a.tiny)
     vz.VisemeModel.from_dict(model)  # validates
     a.out.write_text(json.dumps(model, indent=1, sort_keys=True) + "\n")
     print(json.dumps(model["meta"] | {"lead_s": model["lead_s"], "theta": model["theta"]["jaw"],
