@@ -391,6 +391,9 @@ def test_the_page_works_under_its_own_content_security_policy(browser, web_serve
     pg.wait_for_selector("#idle-video[data-source]", state="attached", timeout=WAIT_MS)
     pg.click("#record")
     pg.wait_for_selector("#record[aria-pressed='true']", timeout=WAIT_MS)
+    # a recording of real length (stopping at once can leave an empty one, answered 422); the
+    # page's own timer is read through a selector: wait_for_function would need 'unsafe-eval'
+    pg.wait_for_selector("#record-time:text-matches('^[1-9][0-9]*\\.[0-9] s$')", timeout=WAIT_MS)
     pg.click("#record")
     pg.wait_for_selector("#generate:not([disabled])", timeout=WAIT_MS)
     pg.click("#generate")
