@@ -33,7 +33,7 @@ Steps, in order (each reported in ``ConditionReport``):
    clear of speech, but never above the clip's quiet floor (a low percentile of each bin over
    time, see ``_quiet_floor``; alone when there are too few pauses; both bias-corrected): the
    VAD sometimes calls quiet speech or a breath a pause, and a noise estimate taken from it
-   reads clean speech as noisy (held-out Radio2 measured -6.8 dB that way, 17 dB now). A stop closure in noise then looks like a
+   reads clean speech as noisy (held-out Radio2 measured -6.8 dB that way, 19.8 dB now). A stop closure in noise then looks like a
    stop closure in a quiet room. It runs when the speech-to-noise ratio (active speech power
    over the noise) is below ``DENOISE_BELOW_SNR_DB``; quiet recordings are left as they are.
 5. **Level**: the 80th percentile of the RMS of 20 ms frames the VAD calls speech is brought to

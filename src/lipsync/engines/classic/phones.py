@@ -120,7 +120,6 @@ def _c_api() -> ctypes.CDLL | None:
                     ("ps_config_free", cint, [vp]), ("ps_init", vp, [vp]), ("ps_free", cint, [vp]),
                     ("ps_reinit_feat", cint, [vp, vp]), ("ps_start_utt", cint, [vp]),
                     ("ps_end_utt", cint, [vp]),
-                    ("ps_process_raw", cint, [vp, vp, ctypes.c_size_t, cint, cint]),
                     ("ps_seg_iter", vp, [vp]), ("ps_seg_next", vp, [vp]),
                     ("ps_seg_word", ctypes.c_char_p, [vp]),
                     ("ps_seg_frames", None, [vp, ctypes.POINTER(cint), ctypes.POINTER(cint)]),
