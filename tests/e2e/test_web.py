@@ -184,6 +184,23 @@ def test_record_three_seconds_and_watch_it_stream(page, web_server) -> None:
     )
 
 
+def test_a_take_stopped_at_once_is_refused_on_the_page(page) -> None:
+    """Record then Stop straight away: the page says the take is too short and keeps Generate
+    off, instead of sending an empty recording for the server to refuse."""
+    pg = page
+    pg.focus("#record")
+    pg.keyboard.press("Space")
+    pg.wait_for_selector("#record[aria-pressed='true']", timeout=WAIT_MS)
+    pg.keyboard.press("Space")
+    pg.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+    assert "too short" in pg.text_content("#error")
+    assert pg.evaluate("window.lipsyncPage.speech") is None
+    assert pg.get_attribute("#generate", "disabled") is not None
+    # a real take afterwards works and clears nothing it should not
+    _record(pg, 1.0)
+    assert pg.evaluate("window.lipsyncPage.speech.seconds") >= 0.9
+
+
 def test_no_face_portrait_says_so_and_keeps_the_gallery(page, web_server) -> None:
     pg = page
     before_ids = _avatar_ids(web_server)

@@ -297,6 +297,9 @@ async function loadIdle() {
 }
 
 // ------------------------------------------------------------------------------ speech
+/** Shortest take the page accepts: the encoder's first chunk (250 ms, see Recorder.start) plus a
+ * margin; a shorter take holds no speech and the server would answer 422. */
+const MIN_RECORDING_S = 0.3;
 const recorder = new Recorder({
   onTick: (seconds) => {
     state.recordingSeconds = seconds;
@@ -310,6 +313,11 @@ async function toggleRecording() {
     const blob = await recorder.stop();
     el.record.setAttribute('aria-pressed', 'false');
     el.record.textContent = 'Record';
+    if (!blob.size || blob.recordedSeconds < MIN_RECORDING_S) {
+      // Nothing (or a blink) was captured: say so here instead of sending it for a 422.
+      showError(new Error(`The recording is too short (${blob.recordedSeconds.toFixed(1)} s): press Record, speak, then press Stop.`));
+      return;
+    }
     await setSpeech(blob, fileNameFor(blob.type));
     return;
   }

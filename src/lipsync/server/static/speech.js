@@ -65,7 +65,9 @@ export class Recorder {
         clearInterval(this.timer);
         this.stream?.getTracks().forEach((t) => t.stop());
         const type = rec.mimeType || this.chunks[0]?.type || 'audio/webm';
-        resolve(new Blob(this.chunks, { type }));
+        const blob = new Blob(this.chunks, { type });
+        blob.recordedSeconds = (performance.now() - this.startedAt) / 1000;
+        resolve(blob);
       }, { once: true });
       rec.stop();
     });
