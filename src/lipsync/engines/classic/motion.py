@@ -30,7 +30,8 @@ import scipy.signal
 
 from ...types import AudioChunk, MotionOptions
 from .features import FeatureExtractor, FrameFeatures, db, pool
-from .visemes import VisemeModel, articulator_tracks, load_model
+from .phones import PhoneSegment
+from .visemes import VOWELS, VisemeModel, articulator_tracks, load_model
 
 # --- pauses (mouth) ----------------------------------------------------------------------------
 #: A video frame this far (dB) below the clip's speech level (its 95th-percentile frame level)
@@ -39,6 +40,24 @@ PAUSE_BELOW_SPEECH_DB = 40.0
 PAUSE_RAMP_DB = 12.0
 #: Frames below this level (dBFS) are a pause however quiet the clip is (room tone, dither).
 PAUSE_FLOOR_DB = -65.0
+
+# --- the recognizer's deletions (voiced speech it called silence) -------------------------------
+#: A 10 ms frame inside a recognised SIL is vowel-like when it is loud (at most this far, dB,
+#: below the clip's vowel level: the median level of the frames inside recognised vowels) ...
+DELETION_BELOW_VOWEL_DB = 10.0
+#: ... clearly voiced (normalised cross-correlation, see ``features``) ...
+DELETION_VOICING = 0.6
+#: ... has its power above 400 Hz: at most this share (dB) below it. Nasal murmur, voice bars of
+#: voiced stops and /w l/ put nearly all their power there (-2..0 dB); a vowel's F1 and F2 keep
+#: it at -4..-10 dB (measured on the dev clips) ...
+DELETION_MAX_LOW_DB = -3.0
+#: ... and is sonorant: at most this share (dB) above 3.5 kHz (frication, aspiration, bursts).
+DELETION_MAX_HISS_DB = -15.0
+#: A run of vowel-like frames at least this long is a vowel the recognizer deleted; shorter runs
+#: are the tail of a neighbouring vowel fading into a closure (they stay silence).
+DELETION_MIN_SECONDS = 0.04
+#: Level frames (mean square over this window, s) that pick the candidates worth analysing.
+DELETION_LEVEL_WINDOW_SECONDS = 0.025
 
 # --- timing ------------------------------------------------------------------------------------
 #: The jaw leads the sound it makes (articulators move before the acoustic onset).
@@ -290,6 +309,88 @@ def _nasality(summed: dict[str, np.ndarray]) -> np.ndarray:
     return -(db(summed["mid"]) - total) - 0.5 * (db(summed["front"]) - total)
 
 
+def restore_deleted_vowels(segments: list[PhoneSegment], samples: np.ndarray,
+                           extractor: FeatureExtractor) -> list[PhoneSegment]:
+    """``segments`` with the vowels the recognizer deleted put back into its silences.
+
+    The all-phone decoder sometimes labels voiced speech SIL (a whole syllable such as the "ra" of
+    "practice", or "er" between two stops), and a SIL keeps the jaw shut through a vowel. Inside
+    each recognised SIL, a 10 ms frame is vowel-like when it is loud (within
+    DELETION_BELOW_VOWEL_DB of the clip's vowel level), clearly voiced (DELETION_VOICING), has its
+    power above 400 Hz (DELETION_MAX_LOW_DB: not nasal murmur, a voice bar or /w l/, which keep
+    the lips shut or nearly) and little frication (DELETION_MAX_HISS_DB). A run of such frames at
+    least DELETION_MIN_SECONDS long becomes a vowel segment, splitting the SIL: ``AA`` where the
+    run's first-formant centroid reaches OPEN_F1_OPEN_HZ (an open vowel), else ``AH`` (the
+    neutral mid vowel). Pauses and stop closures (silent or far below the vowels) stay SIL.
+
+    ``segments``: the recognizer's phones for ``samples`` (mono float audio at the extractor's
+    rate, sample 0 at time 0). Returns a new list covering the same time; unchanged when there
+    is no recognised vowel to take the level from or no deletion is found.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    grid = extractor.grid
+    hop, rate = grid.hop, extractor.sample_rate
+    n_frames = len(x) // hop
+    if n_frames == 0 or not any(s.phone == "SIL" for s in segments):
+        return list(segments)
+    # Level per 10 ms frame (mean square over a 25 ms window at the frame's centre): cheap, for
+    # the clip's vowel level and for picking the silence frames worth a closer look.
+    half = max(1, round(DELETION_LEVEL_WINDOW_SECONDS * rate / 2))
+    centred = x - x.mean()
+    energy = np.concatenate([[0.0], np.cumsum(centred * centred)])
+    centre = np.asarray(grid.center(np.arange(n_frames)), dtype=np.int64)
+    lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half, len(x))
+    level = db(np.maximum(energy[hi] - energy[lo], 0.0) / np.maximum(hi - lo, 1) + 1e-12)
+
+    def frames_of(seg: PhoneSegment) -> tuple[int, int]:  # 10 ms frames whose centre is inside
+        a = int(math.ceil(seg.start * rate / hop - 0.5))
+        b = int(math.ceil(seg.end * rate / hop - 0.5))
+        return max(a, 0), min(b, n_frames)
+
+    in_vowel = np.zeros(n_frames, dtype=bool)
+    for s in segments:
+        if s.phone in VOWELS:
+            a, b = frames_of(s)
+            in_vowel[a:b] = True
+    if in_vowel.sum() < 3:
+        return list(segments)
+    floor = float(np.median(level[in_vowel])) - DELETION_BELOW_VOWEL_DB
+    min_run = max(1, round(DELETION_MIN_SECONDS * rate / hop))
+
+    out: list[PhoneSegment] = []
+    for s in segments:
+        a, b = frames_of(s)
+        loud = np.flatnonzero(level[a:b] >= floor) + a if s.phone == "SIL" and b - a >= min_run else []
+        if len(loud) < min_run:
+            out.append(s)
+            continue
+        # Voicing and spectral shape only for the loud stretch (one analysis, contiguous frames).
+        k0, k1 = int(loud[0]), int(loud[-1]) + 1
+        f = extractor.compute(samples, 0, k0, k1 - k0)
+        total = f.power["total"]
+        like = (
+            (level[k0:k1] >= floor)
+            & (f.voicing >= DELETION_VOICING)
+            & (db(f.power["low"]) - db(total) <= DELETION_MAX_LOW_DB)
+            & (db(f.power["hiss"]) - db(total) <= DELETION_MAX_HISS_DB)
+        )
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], like.astype(np.int8), [0]])))
+        cursor = s.start
+        for r0, r1 in zip(edges[::2], edges[1::2]):
+            if r1 - r0 < min_run:
+                continue
+            t0 = max(s.start, (k0 + r0) * hop / rate)
+            t1 = min(s.end, (k0 + r1) * hop / rate)
+            centroid = float(f.f1_moment[r0:r1].sum() / f.power["f1"][r0:r1].sum())
+            if t0 > cursor:
+                out.append(PhoneSegment("SIL", cursor, t0))
+            out.append(PhoneSegment("AA" if centroid >= OPEN_F1_OPEN_HZ else "AH", t0, t1))
+            cursor = t1
+        if cursor < s.end:
+            out.append(PhoneSegment("SIL", cursor, s.end))
+    return out
+
+
 class MotionGenerator:
     """Stateful, one per request. Chunks arrive in order.
 
@@ -356,7 +457,7 @@ class MotionGenerator:
         global frame ``first_frame``'s start."""
         from .phones import recognize
 
-        segments = recognize(samples, self.sample_rate)
+        segments = restore_deleted_vowels(recognize(samples, self.sample_rate), samples, self._features)
         tracks = articulator_tracks(segments, n, self.fps, self._visemes)
         # Pause gate: frame level (dB) against the clip's speech level.
         bounds = np.floor(np.arange(n + 1) * self.sample_rate / self.fps + 0.5).astype(np.int64)
