@@ -59,6 +59,13 @@ DELETION_MIN_SECONDS = 0.04
 #: Level frames (mean square over this window, s) that pick the candidates worth analysing.
 DELETION_LEVEL_WINDOW_SECONDS = 0.025
 
+# --- vowels the recognizer heard as close vowels ------------------------------------------------
+#: A segment labelled a close vowel (CLOSE_VOWELS) whose first-formant centroid is at least this
+#: factor above the median of the clip's recognised vowels is an opener vowel misheard (F1 rises
+#: with jaw opening; formant frequencies scale with the speaker's vocal tract, hence a ratio).
+MISHEARD_F1_RATIO = 1.12
+CLOSE_VOWELS = frozenset({"IY", "IH", "UW", "UH"})
+
 # --- timing ------------------------------------------------------------------------------------
 #: The jaw leads the sound it makes (articulators move before the acoustic onset).
 LOOKAHEAD_SECONDS = 0.02
@@ -391,6 +398,49 @@ def restore_deleted_vowels(segments: list[PhoneSegment], samples: np.ndarray,
     return out
 
 
+def reopen_misheard_vowels(segments: list[PhoneSegment], samples: np.ndarray,
+                           extractor: FeatureExtractor) -> list[PhoneSegment]:
+    """``segments`` with close vowels whose acoustics say "open" relabelled.
+
+    The all-phone decoder sometimes labels a mid or open vowel as a close one (an EH as UW), and
+    a close vowel's target keeps the jaw nearly shut (and rounds the lips for UW). A segment
+    labelled IY, IH, UW or UH whose first-formant centroid (the power-weighted mean frequency at
+    250-1100 Hz, see ``features``) is at least MISHEARD_F1_RATIO times the median over the clip's
+    recognised vowels cannot be a close vowel (close vowels have the lowest F1: Peterson &
+    Barney 1952); it becomes EH where its front/back balance (1.8-3.5 kHz over 0.3-1.5 kHz) is
+    above the clip's vowel median (a front vowel), else AH. Only recognised vowels change: no
+    consonant, closure or pause does. Needs at least three recognised vowels; returns a new list.
+    """
+    x_len = len(samples)
+    hop, rate = extractor.grid.hop, extractor.sample_rate
+    n_frames = x_len // hop
+    vowels = [i for i, s in enumerate(segments) if s.phone in VOWELS]
+    if n_frames == 0 or len(vowels) < 3 or not any(segments[i].phone in CLOSE_VOWELS for i in vowels):
+        return list(segments)
+    spans = []
+    for i in vowels:
+        s = segments[i]
+        a = max(0, int(math.ceil(s.start * rate / hop - 0.5)))
+        b = min(n_frames, int(math.ceil(s.end * rate / hop - 0.5)))
+        spans.append((i, a, b))
+    spans = [(i, a, b) for i, a, b in spans if b > a]
+    if len(spans) < 3:
+        return list(segments)
+    centroid, balance = {}, {}
+    for i, a, b in spans:  # vowels are a fraction of the clip: analyse only their frames
+        f = extractor.compute(samples, 0, a, b - a)
+        centroid[i] = float(f.f1_moment.sum() / f.power["f1"].sum())
+        balance[i] = float(db(f.power["front"].sum()) - db(f.power["back"].sum()))
+    f1_median = float(np.median(list(centroid.values())))
+    balance_median = float(np.median(list(balance.values())))
+    out = list(segments)
+    for i in centroid:
+        s = segments[i]
+        if s.phone in CLOSE_VOWELS and centroid[i] >= MISHEARD_F1_RATIO * f1_median:
+            out[i] = PhoneSegment("EH" if balance[i] > balance_median else "AH", s.start, s.end)
+    return out
+
+
 class MotionGenerator:
     """Stateful, one per request. Chunks arrive in order.
 
@@ -457,7 +507,9 @@ class MotionGenerator:
         global frame ``first_frame``'s start."""
         from .phones import recognize
 
-        segments = restore_deleted_vowels(recognize(samples, self.sample_rate), samples, self._features)
+        segments = recognize(samples, self.sample_rate)
+        segments = reopen_misheard_vowels(restore_deleted_vowels(segments, samples, self._features), samples,
+                                          self._features)
         tracks = articulator_tracks(segments, n, self.fps, self._visemes)
         # Pause gate: frame level (dB) against the clip's speech level.
         bounds = np.floor(np.arange(n + 1) * self.sample_rate / self.fps + 0.5).astype(np.int64)
