@@ -65,6 +65,9 @@ DELETION_LEVEL_WINDOW_SECONDS = 0.025
 #: with jaw opening; formant frequencies scale with the speaker's vocal tract, hence a ratio).
 MISHEARD_F1_RATIO = 1.12
 CLOSE_VOWELS = frozenset({"IY", "IH", "UW", "UH"})
+#: Back rounded vowels put F2 (0.8-1.1 kHz) inside the F1 band, which lifts their centroid: a
+#: UW or UH label is only doubted when its front/back balance is above the clip's vowel median too.
+BACK_CLOSE_VOWELS = frozenset({"UW", "UH"})
 
 # --- timing ------------------------------------------------------------------------------------
 #: The jaw leads the sound it makes (articulators move before the acoustic onset).
@@ -408,7 +411,9 @@ def reopen_misheard_vowels(segments: list[PhoneSegment], samples: np.ndarray,
     250-1100 Hz, see ``features``) is at least MISHEARD_F1_RATIO times the median over the clip's
     recognised vowels cannot be a close vowel (close vowels have the lowest F1: Peterson &
     Barney 1952); it becomes EH where its front/back balance (1.8-3.5 kHz over 0.3-1.5 kHz) is
-    above the clip's vowel median (a front vowel), else AH. Only recognised vowels change: no
+    above the clip's vowel median (a front vowel), else AH. A back rounded label (UW, UH) is
+    doubted only when that balance is above the median too: their F2 lies inside the F1 band and
+    lifts the centroid of a true UW (measured on a dev speaker). Only recognised vowels change: no
     consonant, closure or pause does. Needs at least three recognised vowels; returns a new list.
     """
     x_len = len(samples)
@@ -436,8 +441,11 @@ def reopen_misheard_vowels(segments: list[PhoneSegment], samples: np.ndarray,
     out = list(segments)
     for i in centroid:
         s = segments[i]
-        if s.phone in CLOSE_VOWELS and centroid[i] >= MISHEARD_F1_RATIO * f1_median:
-            out[i] = PhoneSegment("EH" if balance[i] > balance_median else "AH", s.start, s.end)
+        front = balance[i] > balance_median
+        if s.phone not in CLOSE_VOWELS or (s.phone in BACK_CLOSE_VOWELS and not front):
+            continue
+        if centroid[i] >= MISHEARD_F1_RATIO * f1_median:
+            out[i] = PhoneSegment("EH" if front else "AH", s.start, s.end)
     return out
 
 
