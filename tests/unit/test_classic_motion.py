@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import subprocess
 import sys
 
@@ -364,7 +365,7 @@ def test_a_loud_voiced_stretch_called_silence_becomes_a_vowel_closures_and_murmu
     out = restore_deleted_vowels(segments, samples, FeatureExtractor(SR))
     assert out[0] == segments[0] and out[1] == segments[1] and out[-2:] == segments[-2:]
     assert out[0].start == 0.0 and out[-1].end == segments[-1].end
-    assert all(a.end == pytest.approx(b.start) for a, b in zip(out, out[1:]))  # still a tiling
+    assert all(a.end == pytest.approx(b.start) for a, b in itertools.pairwise(out))  # still a tiling
     added = [s for s in out[2:-2] if s.phone in VOWELS]
     assert len(added) == 1, out
     # The deleted vowel sits at 0.72-0.97 s; the closures and the murmur (1.09-1.24 s) stay SIL.
@@ -378,7 +379,10 @@ def test_the_jaw_opens_on_a_deleted_vowel_and_stays_shut_in_closures_murmur_and_
     samples, segments = _deletion_clip()
     monkeypatch.setattr(phones, "recognize", lambda x, rate=SR: list(segments))
     jaw = run(samples)["jaw"]
-    at = lambda t: float(jaw[int(t * FPS)])  # noqa: E731
+
+    def at(t: float) -> float:
+        return float(jaw[int(t * FPS)])
+
     assert at(0.85) > 0.3  # the vowel the recognizer called silence opens the jaw
     assert at(0.45) > 0.5 and at(1.5) > 0.5  # the recognised vowels too
     assert at(0.66) < 0.05 and at(1.02) < 0.05  # silent stop closures: shut
@@ -391,7 +395,9 @@ def test_a_close_vowel_label_on_an_open_vowel_is_reopened_true_close_vowels_are_
     from lipsync.engines.classic.motion import reopen_misheard_vowels
     from lipsync.engines.classic.phones import PhoneSegment
 
-    spec = [("AA", (700, 1100)), ("IY", (300, 2300)), ("UW", (300, 800)), ("UW", (700, 1800)), ("IH", (400, 2000))]
+    # The last "UW" is a back rounded vowel whose F2 (950 Hz) lifts its F1-band centroid: kept.
+    spec = [("AA", (700, 1100)), ("IY", (300, 2300)), ("UW", (300, 800)), ("UW", (700, 1800)), ("IH", (400, 2000)),
+            ("UW", (450, 950))]
     parts, segments, t = [silence(0.2)], [PhoneSegment("SIL", 0.0, 0.2)], 0.2
     for label, (f1, f2) in spec:
         parts += [vowel(f1, f2, 0.2), silence(0.1)]
@@ -400,6 +406,6 @@ def test_a_close_vowel_label_on_an_open_vowel_is_reopened_true_close_vowels_are_
     samples = np.concatenate(parts).astype(np.float32)
     out = reopen_misheard_vowels(segments, samples, FeatureExtractor(SR))
     labels = [s.phone for s in out if s.phone != "SIL"]
-    assert labels[:3] == ["AA", "IY", "UW"] and labels[4] == "IH"  # acoustics agree: kept
+    assert labels[:3] == ["AA", "IY", "UW"] and labels[4:] == ["IH", "UW"]  # kept
     assert labels[3] in ("EH", "AH")  # "UW" with an open vowel's F1: reopened
     assert [(s.start, s.end) for s in out] == [(s.start, s.end) for s in segments]

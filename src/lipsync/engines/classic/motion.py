@@ -7,7 +7,10 @@
   ``scripts/fit_visemes.py``): per-phone targets blended by Cohen-Massaro dominance functions
   (coarticulation, anticipated rounding), lips shut during P/B/M, the mouth leading the sound by
   the lead measured on the real clips. In pauses (the recognizer's silence, or audio far below
-  the clip's speech level) the jaw is shut.
+  the clip's speech level) the jaw is shut. Two checks of the recognizer against the audio come
+  first: loud, voiced, vowel-shaped stretches it called silence become vowels again
+  (``restore_deleted_vowels``), and close-vowel labels whose first formant says open are
+  reopened (``reopen_misheard_vowels``); closures, murmur and pauses are left as they are.
 * **blink** comes from a seeded renewal process in global frame time (gamma intervals, at least
   1.2 s apart, mean 3.5 s), each blink waiting up to 0.6 s for a pause.
 * **brow** and head nods follow speech emphasis (loudness relative to the speaker's tracked peak,
@@ -319,6 +322,13 @@ def _nasality(summed: dict[str, np.ndarray]) -> np.ndarray:
     return -(db(summed["mid"]) - total) - 0.5 * (db(summed["front"]) - total)
 
 
+def _segment_frames(seg: PhoneSegment, hop: int, rate: int, n_frames: int) -> tuple[int, int]:
+    """10 ms analysis frames [a, b) whose centres fall inside ``seg`` (clipped to the clip)."""
+    a = math.ceil(seg.start * rate / hop - 0.5)
+    b = math.ceil(seg.end * rate / hop - 0.5)
+    return max(a, 0), min(b, n_frames)
+
+
 def restore_deleted_vowels(segments: list[PhoneSegment], samples: np.ndarray,
                            extractor: FeatureExtractor) -> list[PhoneSegment]:
     """``segments`` with the vowels the recognizer deleted put back into its silences.
@@ -352,15 +362,10 @@ def restore_deleted_vowels(segments: list[PhoneSegment], samples: np.ndarray,
     lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half, len(x))
     level = db(np.maximum(energy[hi] - energy[lo], 0.0) / np.maximum(hi - lo, 1) + 1e-12)
 
-    def frames_of(seg: PhoneSegment) -> tuple[int, int]:  # 10 ms frames whose centre is inside
-        a = int(math.ceil(seg.start * rate / hop - 0.5))
-        b = int(math.ceil(seg.end * rate / hop - 0.5))
-        return max(a, 0), min(b, n_frames)
-
     in_vowel = np.zeros(n_frames, dtype=bool)
     for s in segments:
         if s.phone in VOWELS:
-            a, b = frames_of(s)
+            a, b = _segment_frames(s, hop, rate, n_frames)
             in_vowel[a:b] = True
     if in_vowel.sum() < 3:
         return list(segments)
@@ -369,7 +374,7 @@ def restore_deleted_vowels(segments: list[PhoneSegment], samples: np.ndarray,
 
     out: list[PhoneSegment] = []
     for s in segments:
-        a, b = frames_of(s)
+        a, b = _segment_frames(s, hop, rate, n_frames)
         loud = np.flatnonzero(level[a:b] >= floor) + a if s.phone == "SIL" and b - a >= min_run else []
         if len(loud) < min_run:
             out.append(s)
@@ -386,7 +391,7 @@ def restore_deleted_vowels(segments: list[PhoneSegment], samples: np.ndarray,
         )
         edges = np.flatnonzero(np.diff(np.concatenate([[0], like.astype(np.int8), [0]])))
         cursor = s.start
-        for r0, r1 in zip(edges[::2], edges[1::2]):
+        for r0, r1 in zip(edges[::2], edges[1::2], strict=True):
             if r1 - r0 < min_run:
                 continue
             t0 = max(s.start, (k0 + r0) * hop / rate)
@@ -416,35 +421,29 @@ def reopen_misheard_vowels(segments: list[PhoneSegment], samples: np.ndarray,
     lifts the centroid of a true UW (measured on a dev speaker). Only recognised vowels change: no
     consonant, closure or pause does. Needs at least three recognised vowels; returns a new list.
     """
-    x_len = len(samples)
     hop, rate = extractor.grid.hop, extractor.sample_rate
-    n_frames = x_len // hop
+    n_frames = len(samples) // hop
     vowels = [i for i, s in enumerate(segments) if s.phone in VOWELS]
     if n_frames == 0 or len(vowels) < 3 or not any(segments[i].phone in CLOSE_VOWELS for i in vowels):
         return list(segments)
-    spans = []
-    for i in vowels:
-        s = segments[i]
-        a = max(0, int(math.ceil(s.start * rate / hop - 0.5)))
-        b = min(n_frames, int(math.ceil(s.end * rate / hop - 0.5)))
-        spans.append((i, a, b))
+    spans = [(i, *_segment_frames(segments[i], hop, rate, n_frames)) for i in vowels]
     spans = [(i, a, b) for i, a, b in spans if b > a]
     if len(spans) < 3:
         return list(segments)
     centroid, balance = {}, {}
     for i, a, b in spans:  # vowels are a fraction of the clip: analyse only their frames
-        f = extractor.compute(samples, 0, a, b - a)
+        f = extractor.compute(samples, 0, a, b - a, voicing=False)
         centroid[i] = float(f.f1_moment.sum() / f.power["f1"].sum())
         balance[i] = float(db(f.power["front"].sum()) - db(f.power["back"].sum()))
     f1_median = float(np.median(list(centroid.values())))
     balance_median = float(np.median(list(balance.values())))
     out = list(segments)
-    for i in centroid:
+    for i, c in centroid.items():
         s = segments[i]
         front = balance[i] > balance_median
         if s.phone not in CLOSE_VOWELS or (s.phone in BACK_CLOSE_VOWELS and not front):
             continue
-        if centroid[i] >= MISHEARD_F1_RATIO * f1_median:
+        if c >= MISHEARD_F1_RATIO * f1_median:
             out[i] = PhoneSegment("EH" if front else "AH", s.start, s.end)
     return out
 
