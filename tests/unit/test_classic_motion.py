@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import subprocess
 import sys
 
@@ -338,3 +339,73 @@ def test_russian_speech_opens_and_rounds_the_mouth():
     harness = _load_eval_harness()
     ru = harness.run_motion(harness.decode(shared_path("speech", "ru_espeak.wav")))
     assert np.percentile(ru.jaw, 90) > 0.5 and ru.lip_round.std() > 0.1
+
+
+# --- the recognizer's deletions and mishearings -------------------------------------------------
+def _deletion_clip() -> tuple[np.ndarray, list]:
+    """Two recognised open vowels around a stretch the recognizer called SIL: a silent stop
+    closure, a loud voiced vowel (a deletion), another closure, a nasal-like murmur (voiced, all
+    its power below 400 Hz: lips shut), a closure; then a pause. Returns (samples, segments)."""
+    from lipsync.engines.classic.phones import PhoneSegment
+
+    parts = [silence(0.3), vowel(700, 1100, 0.3), silence(0.12), vowel(600, 1700, 0.25), silence(0.12),
+             vowel(250, 1000, 0.15, f3=2200, rms=0.05), silence(0.1), vowel(700, 1100, 0.3), silence(0.5)]
+    samples = np.concatenate(parts).astype(np.float32)
+    segments = [PhoneSegment("SIL", 0.0, 0.3), PhoneSegment("AA", 0.3, 0.6), PhoneSegment("SIL", 0.6, 1.34),
+                PhoneSegment("AA", 1.34, 1.64), PhoneSegment("SIL", 1.64, len(samples) / SR)]
+    return samples, segments
+
+
+def test_a_loud_voiced_stretch_called_silence_becomes_a_vowel_closures_and_murmur_do_not():
+    from lipsync.engines.classic.features import FeatureExtractor
+    from lipsync.engines.classic.motion import restore_deleted_vowels
+    from lipsync.engines.classic.visemes import VOWELS
+
+    samples, segments = _deletion_clip()
+    out = restore_deleted_vowels(segments, samples, FeatureExtractor(SR))
+    assert out[0] == segments[0] and out[1] == segments[1] and out[-2:] == segments[-2:]
+    assert out[0].start == 0.0 and out[-1].end == segments[-1].end
+    assert all(a.end == pytest.approx(b.start) for a, b in itertools.pairwise(out))  # still a tiling
+    added = [s for s in out[2:-2] if s.phone in VOWELS]
+    assert len(added) == 1, out
+    # The deleted vowel sits at 0.72-0.97 s; the closures and the murmur (1.09-1.24 s) stay SIL.
+    assert added[0].start == pytest.approx(0.72, abs=0.04) and added[0].end == pytest.approx(0.97, abs=0.04)
+    assert added[0].phone in ("AH", "AA")
+
+
+def test_the_jaw_opens_on_a_deleted_vowel_and_stays_shut_in_closures_murmur_and_pauses(monkeypatch):
+    from lipsync.engines.classic import phones
+
+    samples, segments = _deletion_clip()
+    monkeypatch.setattr(phones, "recognize", lambda x, rate=SR: list(segments))
+    jaw = run(samples)["jaw"]
+
+    def at(t: float) -> float:
+        return float(jaw[int(t * FPS)])
+
+    assert at(0.85) > 0.3  # the vowel the recognizer called silence opens the jaw
+    assert at(0.45) > 0.5 and at(1.5) > 0.5  # the recognised vowels too
+    assert at(0.66) < 0.05 and at(1.02) < 0.05  # silent stop closures: shut
+    assert at(1.17) < 0.1  # voiced murmur (a nasal): lips stay together
+    assert jaw[int(1.8 * FPS):].max() < 0.01  # the pause after speech
+
+
+def test_a_close_vowel_label_on_an_open_vowel_is_reopened_true_close_vowels_are_not():
+    from lipsync.engines.classic.features import FeatureExtractor
+    from lipsync.engines.classic.motion import reopen_misheard_vowels
+    from lipsync.engines.classic.phones import PhoneSegment
+
+    # The last "UW" is a back rounded vowel whose F2 (950 Hz) lifts its F1-band centroid: kept.
+    spec = [("AA", (700, 1100)), ("IY", (300, 2300)), ("UW", (300, 800)), ("UW", (700, 1800)), ("IH", (400, 2000)),
+            ("UW", (450, 950))]
+    parts, segments, t = [silence(0.2)], [PhoneSegment("SIL", 0.0, 0.2)], 0.2
+    for label, (f1, f2) in spec:
+        parts += [vowel(f1, f2, 0.2), silence(0.1)]
+        segments += [PhoneSegment(label, t, t + 0.2), PhoneSegment("SIL", t + 0.2, t + 0.3)]
+        t += 0.3
+    samples = np.concatenate(parts).astype(np.float32)
+    out = reopen_misheard_vowels(segments, samples, FeatureExtractor(SR))
+    labels = [s.phone for s in out if s.phone != "SIL"]
+    assert labels[:3] == ["AA", "IY", "UW"] and labels[4:] == ["IH", "UW"]  # kept
+    assert labels[3] in ("EH", "AH")  # "UW" with an open vowel's F1: reopened
+    assert [(s.start, s.end) for s in out] == [(s.start, s.end) for s in segments]

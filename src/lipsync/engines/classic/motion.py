@@ -7,7 +7,10 @@
   ``scripts/fit_visemes.py``): per-phone targets blended by Cohen-Massaro dominance functions
   (coarticulation, anticipated rounding), lips shut during P/B/M, the mouth leading the sound by
   the lead measured on the real clips. In pauses (the recognizer's silence, or audio far below
-  the clip's speech level) the jaw is shut.
+  the clip's speech level) the jaw is shut. Two checks of the recognizer against the audio come
+  first: loud, voiced, vowel-shaped stretches it called silence become vowels again
+  (``restore_deleted_vowels``), and close-vowel labels whose first formant says open are
+  reopened (``reopen_misheard_vowels``); closures, murmur and pauses are left as they are.
 * **blink** comes from a seeded renewal process in global frame time (gamma intervals, at least
   1.2 s apart, mean 3.5 s), each blink waiting up to 0.6 s for a pause.
 * **brow** and head nods follow speech emphasis (loudness relative to the speaker's tracked peak,
@@ -30,7 +33,8 @@ import scipy.signal
 
 from ...types import AudioChunk, MotionOptions
 from .features import FeatureExtractor, FrameFeatures, db, pool
-from .visemes import VisemeModel, articulator_tracks, load_model
+from .phones import PhoneSegment
+from .visemes import VOWELS, VisemeModel, articulator_tracks, load_model
 
 # --- pauses (mouth) ----------------------------------------------------------------------------
 #: A video frame this far (dB) below the clip's speech level (its 95th-percentile frame level)
@@ -39,6 +43,34 @@ PAUSE_BELOW_SPEECH_DB = 40.0
 PAUSE_RAMP_DB = 12.0
 #: Frames below this level (dBFS) are a pause however quiet the clip is (room tone, dither).
 PAUSE_FLOOR_DB = -65.0
+
+# --- the recognizer's deletions (voiced speech it called silence) -------------------------------
+#: A 10 ms frame inside a recognised SIL is vowel-like when it is loud (at most this far, dB,
+#: below the clip's vowel level: the median level of the frames inside recognised vowels) ...
+DELETION_BELOW_VOWEL_DB = 10.0
+#: ... clearly voiced (normalised cross-correlation, see ``features``) ...
+DELETION_VOICING = 0.6
+#: ... has its power above 400 Hz: at most this share (dB) below it. Nasal murmur, voice bars of
+#: voiced stops and /w l/ put nearly all their power there (-2..0 dB); a vowel's F1 and F2 keep
+#: it at -4..-10 dB (measured on the dev clips) ...
+DELETION_MAX_LOW_DB = -3.0
+#: ... and is sonorant: at most this share (dB) above 3.5 kHz (frication, aspiration, bursts).
+DELETION_MAX_HISS_DB = -15.0
+#: A run of vowel-like frames at least this long is a vowel the recognizer deleted; shorter runs
+#: are the tail of a neighbouring vowel fading into a closure (they stay silence).
+DELETION_MIN_SECONDS = 0.04
+#: Level frames (mean square over this window, s) that pick the candidates worth analysing.
+DELETION_LEVEL_WINDOW_SECONDS = 0.025
+
+# --- vowels the recognizer heard as close vowels ------------------------------------------------
+#: A segment labelled a close vowel (CLOSE_VOWELS) whose first-formant centroid is at least this
+#: factor above the median of the clip's recognised vowels is an opener vowel misheard (F1 rises
+#: with jaw opening; formant frequencies scale with the speaker's vocal tract, hence a ratio).
+MISHEARD_F1_RATIO = 1.12
+CLOSE_VOWELS = frozenset({"IY", "IH", "UW", "UH"})
+#: Back rounded vowels put F2 (0.8-1.1 kHz) inside the F1 band, which lifts their centroid: a
+#: UW or UH label is only doubted when its front/back balance is above the clip's vowel median too.
+BACK_CLOSE_VOWELS = frozenset({"UW", "UH"})
 
 # --- timing ------------------------------------------------------------------------------------
 #: The jaw leads the sound it makes (articulators move before the acoustic onset).
@@ -290,6 +322,132 @@ def _nasality(summed: dict[str, np.ndarray]) -> np.ndarray:
     return -(db(summed["mid"]) - total) - 0.5 * (db(summed["front"]) - total)
 
 
+def _segment_frames(seg: PhoneSegment, hop: int, rate: int, n_frames: int) -> tuple[int, int]:
+    """10 ms analysis frames [a, b) whose centres fall inside ``seg`` (clipped to the clip)."""
+    a = math.ceil(seg.start * rate / hop - 0.5)
+    b = math.ceil(seg.end * rate / hop - 0.5)
+    return max(a, 0), min(b, n_frames)
+
+
+def restore_deleted_vowels(segments: list[PhoneSegment], samples: np.ndarray,
+                           extractor: FeatureExtractor) -> list[PhoneSegment]:
+    """``segments`` with the vowels the recognizer deleted put back into its silences.
+
+    The all-phone decoder sometimes labels voiced speech SIL (a whole syllable such as the "ra" of
+    "practice", or "er" between two stops), and a SIL keeps the jaw shut through a vowel. Inside
+    each recognised SIL, a 10 ms frame is vowel-like when it is loud (within
+    DELETION_BELOW_VOWEL_DB of the clip's vowel level), clearly voiced (DELETION_VOICING), has its
+    power above 400 Hz (DELETION_MAX_LOW_DB: not nasal murmur, a voice bar or /w l/, which keep
+    the lips shut or nearly) and little frication (DELETION_MAX_HISS_DB). A run of such frames at
+    least DELETION_MIN_SECONDS long becomes a vowel segment, splitting the SIL: ``AA`` where the
+    run's first-formant centroid reaches OPEN_F1_OPEN_HZ (an open vowel), else ``AH`` (the
+    neutral mid vowel). Pauses and stop closures (silent or far below the vowels) stay SIL.
+
+    ``segments``: the recognizer's phones for ``samples`` (mono float audio at the extractor's
+    rate, sample 0 at time 0). Returns a new list covering the same time; unchanged when there
+    is no recognised vowel to take the level from or no deletion is found.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    grid = extractor.grid
+    hop, rate = grid.hop, extractor.sample_rate
+    n_frames = len(x) // hop
+    if n_frames == 0 or not any(s.phone == "SIL" for s in segments):
+        return list(segments)
+    # Level per 10 ms frame (mean square over a 25 ms window at the frame's centre): cheap, for
+    # the clip's vowel level and for picking the silence frames worth a closer look.
+    half = max(1, round(DELETION_LEVEL_WINDOW_SECONDS * rate / 2))
+    centred = x - x.mean()
+    energy = np.concatenate([[0.0], np.cumsum(centred * centred)])
+    centre = np.asarray(grid.center(np.arange(n_frames)), dtype=np.int64)
+    lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half, len(x))
+    level = db(np.maximum(energy[hi] - energy[lo], 0.0) / np.maximum(hi - lo, 1) + 1e-12)
+
+    in_vowel = np.zeros(n_frames, dtype=bool)
+    for s in segments:
+        if s.phone in VOWELS:
+            a, b = _segment_frames(s, hop, rate, n_frames)
+            in_vowel[a:b] = True
+    if in_vowel.sum() < 3:
+        return list(segments)
+    floor = float(np.median(level[in_vowel])) - DELETION_BELOW_VOWEL_DB
+    min_run = max(1, round(DELETION_MIN_SECONDS * rate / hop))
+
+    out: list[PhoneSegment] = []
+    for s in segments:
+        a, b = _segment_frames(s, hop, rate, n_frames)
+        loud = np.flatnonzero(level[a:b] >= floor) + a if s.phone == "SIL" and b - a >= min_run else []
+        if len(loud) < min_run:
+            out.append(s)
+            continue
+        # Voicing and spectral shape only for the loud stretch (one analysis, contiguous frames).
+        k0, k1 = int(loud[0]), int(loud[-1]) + 1
+        f = extractor.compute(samples, 0, k0, k1 - k0)
+        total = f.power["total"]
+        like = (
+            (level[k0:k1] >= floor)
+            & (f.voicing >= DELETION_VOICING)
+            & (db(f.power["low"]) - db(total) <= DELETION_MAX_LOW_DB)
+            & (db(f.power["hiss"]) - db(total) <= DELETION_MAX_HISS_DB)
+        )
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], like.astype(np.int8), [0]])))
+        cursor = s.start
+        for r0, r1 in zip(edges[::2], edges[1::2], strict=True):
+            if r1 - r0 < min_run:
+                continue
+            t0 = max(s.start, (k0 + r0) * hop / rate)
+            t1 = min(s.end, (k0 + r1) * hop / rate)
+            centroid = float(f.f1_moment[r0:r1].sum() / f.power["f1"][r0:r1].sum())
+            if t0 > cursor:
+                out.append(PhoneSegment("SIL", cursor, t0))
+            out.append(PhoneSegment("AA" if centroid >= OPEN_F1_OPEN_HZ else "AH", t0, t1))
+            cursor = t1
+        if cursor < s.end:
+            out.append(PhoneSegment("SIL", cursor, s.end))
+    return out
+
+
+def reopen_misheard_vowels(segments: list[PhoneSegment], samples: np.ndarray,
+                           extractor: FeatureExtractor) -> list[PhoneSegment]:
+    """``segments`` with close vowels whose acoustics say "open" relabelled.
+
+    The all-phone decoder sometimes labels a mid or open vowel as a close one (an EH as UW), and
+    a close vowel's target keeps the jaw nearly shut (and rounds the lips for UW). A segment
+    labelled IY, IH, UW or UH whose first-formant centroid (the power-weighted mean frequency at
+    250-1100 Hz, see ``features``) is at least MISHEARD_F1_RATIO times the median over the clip's
+    recognised vowels cannot be a close vowel (close vowels have the lowest F1: Peterson &
+    Barney 1952); it becomes EH where its front/back balance (1.8-3.5 kHz over 0.3-1.5 kHz) is
+    above the clip's vowel median (a front vowel), else AH. A back rounded label (UW, UH) is
+    doubted only when that balance is above the median too: their F2 lies inside the F1 band and
+    lifts the centroid of a true UW (measured on a dev speaker). Only recognised vowels change: no
+    consonant, closure or pause does. Needs at least three recognised vowels; returns a new list.
+    """
+    hop, rate = extractor.grid.hop, extractor.sample_rate
+    n_frames = len(samples) // hop
+    vowels = [i for i, s in enumerate(segments) if s.phone in VOWELS]
+    if n_frames == 0 or len(vowels) < 3 or not any(segments[i].phone in CLOSE_VOWELS for i in vowels):
+        return list(segments)
+    spans = [(i, *_segment_frames(segments[i], hop, rate, n_frames)) for i in vowels]
+    spans = [(i, a, b) for i, a, b in spans if b > a]
+    if len(spans) < 3:
+        return list(segments)
+    centroid, balance = {}, {}
+    for i, a, b in spans:  # vowels are a fraction of the clip: analyse only their frames
+        f = extractor.compute(samples, 0, a, b - a, voicing=False)
+        centroid[i] = float(f.f1_moment.sum() / f.power["f1"].sum())
+        balance[i] = float(db(f.power["front"].sum()) - db(f.power["back"].sum()))
+    f1_median = float(np.median(list(centroid.values())))
+    balance_median = float(np.median(list(balance.values())))
+    out = list(segments)
+    for i, c in centroid.items():
+        s = segments[i]
+        front = balance[i] > balance_median
+        if s.phone not in CLOSE_VOWELS or (s.phone in BACK_CLOSE_VOWELS and not front):
+            continue
+        if c >= MISHEARD_F1_RATIO * f1_median:
+            out[i] = PhoneSegment("EH" if front else "AH", s.start, s.end)
+    return out
+
+
 class MotionGenerator:
     """Stateful, one per request. Chunks arrive in order.
 
@@ -357,6 +515,8 @@ class MotionGenerator:
         from .phones import recognize
 
         segments = recognize(samples, self.sample_rate)
+        segments = reopen_misheard_vowels(restore_deleted_vowels(segments, samples, self._features), samples,
+                                          self._features)
         tracks = articulator_tracks(segments, n, self.fps, self._visemes)
         # Pause gate: frame level (dB) against the clip's speech level.
         bounds = np.floor(np.arange(n + 1) * self.sample_rate / self.fps + 0.5).astype(np.int64)
