@@ -40,6 +40,17 @@ PAUSE_RAMP_DB = 12.0
 #: Frames below this level (dBFS) are a pause however quiet the clip is (room tone, dither).
 PAUSE_FLOOR_DB = -65.0
 
+#: Jaw contrast: the fitted per-phone targets, blended by coarticulation, leave most speech frames
+#: in a narrow band of openings (on the dev clips the 40th..60th percentile frames differ by about
+#: 0.04 inter-ocular distances of drawn lip gap, the size of a face tracker's landmark noise, so a
+#: viewer or a judge cannot tell them apart). A smoothstep over [FROM, FROM + WIDTH] spreads that
+#: band (slope 1.5 / WIDTH at its centre) and keeps shut at 0 and wide open at 1; it is monotone,
+#: so the order of the frames (what the phones say) is unchanged. Chosen on the dev split
+#: (scripts/eval_heldout.py --split dev: real_corr 0.359 -> 0.388, closed_agree 0.616 -> 0.629,
+#: open_agree 0.581 -> 0.599).
+JAW_CONTRAST_FROM = 0.1
+JAW_CONTRAST_WIDTH = 0.8
+
 # --- timing ------------------------------------------------------------------------------------
 #: The jaw leads the sound it makes (articulators move before the acoustic onset).
 LOOKAHEAD_SECONDS = 0.02
@@ -368,6 +379,7 @@ class MotionGenerator:
         floor = max(speech - PAUSE_BELOW_SPEECH_DB, PAUSE_FLOOR_DB)
         gate = _smoothstep((level - floor) / PAUSE_RAMP_DB)
         gate = np.where(counts > 1, gate, 0.0)  # past the end of the audio: a pause
+        tracks["jaw"] = _smoothstep((tracks["jaw"] - JAW_CONTRAST_FROM) / JAW_CONTRAST_WIDTH)
         for k in ("jaw", "round", "teeth", "labiodental", "vowel"):
             tracks[k] = tracks[k] * gate
         return tracks
