@@ -481,3 +481,20 @@ def test_openapi_documents_the_uploads(client: TestClient) -> None:
     assert "video/mp4" in schema["paths"]["/generate"]["post"]["responses"]["200"]["content"]
     assert "application/json" in schema["paths"]["/generate"]["post"]["responses"]["415"]["content"]
     assert client.get("/docs").status_code == 200
+
+
+def test_api_docs_pages_need_nothing_from_elsewhere(client: TestClient) -> None:
+    """/docs (Swagger UI) and /redoc load their scripts and styles from this server: a
+    self-hosted box often has no route to a CDN, and the pages were blank there."""
+    import re
+
+    host_url = re.compile(r"""(?:src|href)=["'](?:https?:)?//""")
+    for page in ("/docs", "/redoc"):
+        r = client.get(page)
+        assert r.status_code == 200 and "text/html" in r.headers["content-type"], page
+        assert not host_url.search(r.text), (page, host_url.search(r.text))
+        assets = re.findall(r"""(?:src|href)=["'](/[^"']+\.(?:js|css))["']""", r.text)
+        assert assets, page
+        for asset in assets:
+            got = client.get(asset)
+            assert got.status_code == 200 and len(got.content) > 10_000, asset

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from ..settings import Settings, load_settings
 from .errors import install_error_handlers
@@ -61,7 +62,9 @@ def create_app(
             # uvicorn has already waited (up to its graceful timeout) for open requests.
             await anyio.to_thread.run_sync(runtime.stop)
 
-    app = FastAPI(
+    # /docs and /redoc from files in the fastapi-offline wheel (Swagger UI 5, ReDoc), not from a
+    # CDN: a self-hosted server is often on a host that cannot reach one.
+    app = FastAPIOffline(
         title="lipsync-server",
         version=runtime.version,
         description=(
