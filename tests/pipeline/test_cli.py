@@ -185,3 +185,23 @@ def test_user_mistakes_are_explained(tmp_path, args, needle):
     assert r.exit_code != 0
     assert needle in r.stderr.lower(), r.stderr
     assert "Traceback" not in r.output
+
+
+def test_serve_on_a_taken_port_is_one_line_before_any_model_loads(tmp_path):
+    """Another process listens on the port: `lipsync serve` says so in one line and exits 2,
+    without a traceback and without uvicorn's start-up log (the check runs before anything)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "lipsync.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--cache-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=120,
+        )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert lines == [f"error: cannot listen on 127.0.0.1:{port}: another server is listening there; "
+                     "stop it or choose another --port (LIPSYNC_PORT)"], proc.stderr

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import errno
 import logging
+import socket
 from types import FrameType
 
-from ..errors import LipsyncError
+from ..errors import ConfigError, LipsyncError
 from ..settings import Settings, load_settings
 from .app import create_app
 from .runtime import ServerRuntime
@@ -39,17 +41,40 @@ def _server_class():
     return GracefulServer
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """Raise ``ConfigError`` (setting ``port`` or ``host``) when ``host:port`` cannot be bound,
+    e.g. another server already listens there; checked before any model loads, so a taken port
+    is one clear line at once instead of uvicorn's log after start-up. Binds with SO_REUSEADDR,
+    as uvicorn does, and closes at once (a later race is still reported by uvicorn)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: unknown host ({e.strerror})",
+                          setting="host") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            hint = ("another server is listening there; stop it or choose another --port "
+                    "(LIPSYNC_PORT)" if e.errno == errno.EADDRINUSE else e.strerror)
+            raise ConfigError(f"cannot listen on {host}:{port}: {hint}", setting="port") from None
+
+
 def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
     """Serve the API on ``settings.host:settings.port`` until SIGTERM/SIGINT.
 
     Models load in the background after the port opens (``/health`` is 503 until ready). On a
     signal, new jobs get 503 ``shutting_down`` while running ones finish, for at most
-    ``settings.graceful_shutdown_s``. Raises the ``LipsyncError`` if start-up fails (unknown
+    ``settings.graceful_shutdown_s``. Raises ``ConfigError`` at once if the address cannot be
+    bound (``check_listen_address``), and the ``LipsyncError`` if start-up fails (unknown
     engine, missing checkpoints, unusable default avatar), after the server has stopped.
     """
     import uvicorn
 
     settings = settings or load_settings()
+    check_listen_address(settings.host, settings.port)
     app = create_app(settings)
     runtime: ServerRuntime = app.state.runtime
     config = uvicorn.Config(
