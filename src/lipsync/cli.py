@@ -111,7 +111,31 @@ _motion_options = _model_options(MotionOptions)
 _encoder_options = _model_options(EncoderOptions)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineErrors(click.Group):
+    """click's usage errors (a missing or unknown option, a bad value click itself checks) as one
+    ``error:`` line with exit status 2, like every other refusal, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `lipsync`: its help, as click does
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "lipsync"
+            _fail(f"{e.format_message()} (see '{where} --help')", EXIT_CONFIG)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            _fail("interrupted", 130)
+        # standalone_mode=False hands back --help/--version's exit status instead of exiting
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="lipsync-server", prog_name="lipsync")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
 def main(verbose: bool) -> None:
@@ -123,7 +147,7 @@ def main(verbose: bool) -> None:
 @main.command(epilog="Example: lipsync generate -a face.jpg -i speech.wav -o talk.mp4")
 @click.option("--avatar", "-a", type=click.Path(path_type=Path),
               help="Portrait (JPEG/PNG/WebP), or the id of a cached avatar (default: the bundled one).")
-@click.option("--audio", "-i", type=click.Path(path_type=Path), help="Speech (WAV, MP3, OGG, FLAC).")
+@click.option("--audio", "-i", type=click.Path(path_type=Path), help="Speech: WAV, MP3, OGG (Opus/Vorbis), FLAC, M4A/AAC or WebM.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="MP4 to write.")
 @click.option("--sample", is_flag=True, help="Use the bundled sample portrait and speech.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")

@@ -45,7 +45,7 @@ class MotionOptions:
     still: bool = Field(True, description="Still mode: no head motion.")
     blink: bool = Field(True, description="Natural random blinks.")
     size: int = Field(512, ge=64, le=MAX_OUTPUT_SIZE, multiple_of=2,
-                      description="Output width and height in pixels (even, for H.264 4:2:0).")
+                      description="Output width and height in pixels (H.264 4:2:0).")
     fps: int = Field(25, ge=1, le=60, description="Frames per second.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="Seed for blinks and head motion.")

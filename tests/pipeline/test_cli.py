@@ -187,6 +187,29 @@ def test_user_mistakes_are_explained(tmp_path, args, needle):
     assert "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--sample"], "missing option '--output'"),
+    (["generate", "--sample", "-o", "x.mp4", "--colour", "red"], "no such option '--colour'"),
+    (["generate", "--sample", "-o", "x.mp4", "--size", "big"], "'big' is not a valid integer"),
+    (["renderr"], "no such command 'renderr'"),
+])
+def test_usage_mistakes_are_one_line(args, needle):
+    """What click itself refuses reads like every other refusal: one error line, exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "lipsync.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0].lower(), lines
+    assert "--help" in lines[0]
+
+
+def test_help_and_version_still_exit_zero():
+    for args in (["--help"], ["generate", "--help"], ["--version"]):
+        proc = subprocess.run([sys.executable, "-m", "lipsync.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() and not proc.stderr.strip(), (args, proc.stderr)
+
+
 def test_serve_on_a_taken_port_is_one_line_before_any_model_loads(tmp_path):
     """Another process listens on the port: `lipsync serve` says so in one line and exits 2,
     without a traceback and without uvicorn's start-up log (the check runs before anything)."""
