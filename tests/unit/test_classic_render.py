@@ -131,6 +131,52 @@ def test_head_motion_moves_the_face_not_the_corners(renderer):
     assert np.abs(moved[:20, :20].astype(int) - still[:20, :20]).mean() < 1.0
 
 
+def test_head_map_is_the_rigid_motion_blended_by_the_head_weight(renderer):
+    """The per-frame head map (computed on the head's box with cv2 weighted sums) equals the
+    textbook formula on full coordinate grids: source = R^-1 (p - pivot - shift) + pivot, blended
+    with the identity by the head weight; outside the box the weight is negligible."""
+    from lipsync.engines.classic.render import HEAD_WEIGHT_MIN
+
+    r = renderer.rig
+    yaw, pitch, roll = 2.5, -1.5, 3.0
+    map_x, map_y, (x0, y0, x1, y1) = renderer._head_map(yaw, pitch, roll)
+    weight = np.zeros((renderer.height, renderer.width), np.float64)
+    weight[y0:y1, x0:x1] = renderer._head_weight
+    gy, gx = np.mgrid[0:renderer.height, 0:renderer.width].astype(np.float64)
+    pivot = r.origin + r.axes[1] * (0.9 * r.iod)
+    shift = np.array([np.deg2rad(yaw), np.deg2rad(pitch)]) * 1.6 * r.iod
+    c, s = np.cos(np.deg2rad(roll)), np.sin(np.deg2rad(roll))
+    px, py = gx - pivot[0] - shift[0], gy - pivot[1] - shift[1]
+    src_x, src_y = c * px + s * py + pivot[0], -s * px + c * py + pivot[1]
+    want_x = gx + weight * (src_x - gx)
+    want_y = gy + weight * (src_y - gy)
+    assert np.abs(map_x - want_x[y0:y1, x0:x1]).max() < 2e-3
+    assert np.abs(map_y - want_y[y0:y1, x0:x1]).max() < 2e-3
+    assert 0 <= x0 < x1 <= renderer.width and 0 <= y0 < y1 <= renderer.height
+    # the pixels left alone would have moved by under HEAD_WEIGHT_MIN of the largest move
+    outside = np.ones_like(weight, bool)
+    outside[y0:y1, x0:x1] = False
+    largest = np.hypot(src_x - gx, src_y - gy).max()
+    moved = np.hypot(want_x - gx, want_y - gy)[outside]
+    assert moved.size == 0 or moved.max() <= HEAD_WEIGHT_MIN * largest + 1e-9
+
+
+def test_moving_head_reuses_mouth_shapes(renderer):
+    """Still mode off serves repeated mouth shapes from a cache too, and a cached frame is the
+    one a fresh render gives."""
+    renderer.clear_caches()
+    jaw = np.array([0.3, 0.5, 0.3, 0.5])
+    z = np.zeros(4)
+    head = np.tile([1.0, 0.5, 1.5], (4, 1))
+    before = renderer.cache_hits
+    frames = renderer.render(0, jaw, z, z, z, z, head).data
+    assert renderer.cache_hits - before >= 2  # shapes 0 and 1 came back in frames 2 and 3
+    assert np.array_equal(frames[0], frames[2]) and np.array_equal(frames[1], frames[3])
+    renderer.clear_caches()
+    fresh = renderer.render(2, jaw[2:], z[2:], z[2:], z[2:], z[2:], head[2:]).data
+    assert np.array_equal(fresh, frames[2:])
+
+
 def test_rig_survives_disk_round_trip_and_damage(avatar, tmp_path):
     engine = ClassicEngine()
     engine.prepare_avatar(avatar, tmp_path)
