@@ -105,3 +105,9 @@ class CheckpointError(ConfigError):
     """Model files missing or not matching the network."""
 
     code = "checkpoint_error"
+
+
+def size_text(n_bytes: int) -> str:
+    """A byte limit for a person: ``50 MiB (52428800 bytes)``; MiB with up to two decimals."""
+    mib = f"{n_bytes / 2**20:.2f}".rstrip("0").rstrip(".")
+    return f"{mib} MiB ({n_bytes} bytes)"

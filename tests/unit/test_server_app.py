@@ -308,6 +308,9 @@ def test_declared_body_over_the_limit_is_refused_before_the_app(make_client) -> 
     r = client.post("/generate", files={"audio": ("a.wav", big)})
     assert r.status_code == 413
     assert r.json()["code"] == "payload_too_large"
+    # the limit in words a person can act on: MiB, the exact bytes and the setting behind it
+    limit = r.json()["detail"]["limit_bytes"]
+    assert f"MiB ({limit} bytes)" in r.json()["message"] and "LIPSYNC_MAX_UPLOAD_BYTES" in r.json()["message"]
     assert pipe.calls == ["generate"]  # only the start-up warm-up ran
     assert _generate_counts(client)["failed"] == {"payload_too_large": 1}
 

@@ -17,6 +17,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import size_text
 from .errors import ERROR_CODE_HEADER, internal_error_response, json_error
 
 log = logging.getLogger("lipsync.server")
@@ -169,7 +170,8 @@ class BodyLimitMiddleware:
         response = json_error(
             413,
             "payload_too_large",
-            f"request body is larger than the {self.max_bytes} byte limit",
+            f"request body is larger than the {size_text(self.max_bytes)} limit "
+            "(LIPSYNC_MAX_UPLOAD_BYTES per file, plus the form's overhead)",
             detail={"limit_bytes": self.max_bytes},
             request_id=scope.get("state", {}).get("request_id"),
             headers={"Connection": "close"},

@@ -32,6 +32,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import size_text
+
 log = logging.getLogger("lipsync.server")
 
 #: Environment variable Ray Serve reads (in the proxy process) for extra proxy middleware.
@@ -98,7 +100,8 @@ class ProxyGuardMiddleware:
         return _json_message(
             413,
             "payload_too_large",
-            f"request body is larger than the {self.max_body_bytes} byte limit",
+            f"request body is larger than the {size_text(self.max_body_bytes)} limit "
+            "(LIPSYNC_MAX_UPLOAD_BYTES per file, plus the form's overhead)",
             {"Connection": "close"},
         )
 

@@ -29,6 +29,7 @@ from ..errors import (
     JobTimeout,
     LipsyncError,
     PayloadTooLarge,
+    size_text,
 )
 from ..options import MotionOptions
 from ..types import AvatarId, GenerateResult, StageTimes
@@ -86,7 +87,7 @@ async def _read_upload(upload: UploadFile, what: str, limit: int) -> bytes:
     data = await upload.read()
     if len(data) > limit:
         raise PayloadTooLarge(
-            f"the {what} upload is larger than the {limit} byte limit", field=what, limit_bytes=limit
+            f"the {what} upload is larger than the {size_text(limit)} limit", field=what, limit_bytes=limit
         )
     if not data:
         error = EmptyAudio if what == "audio" else InvalidInput
