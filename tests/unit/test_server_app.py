@@ -242,6 +242,9 @@ def test_avatar_crud(make_client) -> None:
 
     again = client.post("/avatars", files={"image": ("face.png", FACE_PNG)})
     assert again.status_code == 200 and again.json()["cache_hit"] is True
+    # the answer to the upload carries the same info as the avatar's own entry
+    info, own = created.json()["info"], client.get(f"/avatars/{avatar_id}").json()["info"]
+    assert info and info.keys() == own.keys() and info["source_size"] == own["source_size"]
 
     listed = client.get("/avatars").json()
     ids = [a["id"] for a in listed["avatars"]]

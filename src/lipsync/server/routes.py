@@ -488,18 +488,22 @@ async def create_avatar(
     pipeline = rt.require_ready()
     image_bytes = await _read_upload(image, "image", rt.settings.max_upload_bytes)
 
-    def work(token: CancelToken) -> tuple[Any, bool, float]:
+    def work(token: CancelToken) -> tuple[Any, bool, float, Any]:
         t0 = time.perf_counter()
         avatar, hit = pipeline.add_avatar(image_bytes)
-        return avatar, hit, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        # the same info GET /avatars gives (read here, in the worker: it touches the disk)
+        info = next((i for i in pipeline.list_avatars() if _info_id(i) == avatar.id), None)
+        return avatar, hit, seconds, info
 
-    (avatar, hit, seconds), _ = await _run_job(rt, request, work, deadline=deadline)
+    (avatar, hit, seconds, info), _ = await _run_job(rt, request, work, deadline=deadline)
     rt.stats.record_cache(hit)
     if not hit:
         rt.stats.record_stages(StageTimes(precompute=seconds))
     response.status_code = 200 if hit else 201
     return AvatarCreated(
-        id=avatar.id, default=avatar.id == rt.default_avatar_id, cache_hit=hit, precompute_s=round(seconds, 4)
+        id=avatar.id, default=avatar.id == rt.default_avatar_id, cache_hit=hit, precompute_s=round(seconds, 4),
+        info=_avatar_info(info) if info is not None else {},
     )
 
 
