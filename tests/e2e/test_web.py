@@ -209,6 +209,18 @@ def test_a_take_stopped_at_once_is_refused_on_the_page(page) -> None:
     assert pg.evaluate("window.lipsyncPage.speech.seconds") >= 0.9
 
 
+def test_gallery_faces_say_when_they_were_added_and_their_size(page, web_server) -> None:
+    """Thumbnails alike (the same photo twice, once rotated) are told apart by their details."""
+    pg = page
+    pg.wait_for_selector("#gallery .pick img", timeout=WAIT_MS)
+    titles = pg.eval_on_selector_all("#gallery .pick", "els => els.map(e => e.title)")
+    infos = httpx.get(f"{web_server.url}/avatars", timeout=30).json()["avatars"]
+    assert len(titles) == len(infos) and titles
+    for title, avatar in zip(titles, infos):
+        w, h = avatar["info"]["source_size"]
+        assert title.startswith("Face ") and "added " in title and f"{w}×{h} px" in title, (title, avatar)
+
+
 def test_no_face_portrait_says_so_and_keeps_the_gallery(page, web_server) -> None:
     pg = page
     before_ids = _avatar_ids(web_server)

@@ -102,6 +102,19 @@ function avatarLabel(index, avatar) {
   return `Face ${index + 1}${avatar.id === state.defaultId ? ' (default)' : ''}`;
 }
 
+/** "Face 2 — added 4 Dec 2026, 08:12 · 910×1137 px": tells apart faces whose thumbnails look
+ * alike (the same photo uploaded twice, once rotated). */
+function avatarDetails(index, avatar) {
+  const parts = [];
+  const created = avatar.info?.created;
+  if (typeof created === 'number') {
+    parts.push(`added ${new Date(created * 1000).toLocaleString(undefined, { dateStyle: 'medium', timeStyle: 'short' })}`);
+  }
+  const size = avatar.info?.source_size;
+  if (Array.isArray(size) && size.length === 2) parts.push(`${size[0]}×${size[1]} px`);
+  return parts.length ? `${avatarLabel(index, avatar)} — ${parts.join(' · ')}` : avatarLabel(index, avatar);
+}
+
 function renderGallery() {
   const focused = document.activeElement?.dataset?.action
     ? { action: document.activeElement.dataset.action, id: document.activeElement.dataset.id }
@@ -117,6 +130,7 @@ function renderGallery() {
     pick.dataset.id = avatar.id;
     pick.setAttribute('aria-pressed', String(avatar.id === state.selectedId));
     pick.setAttribute('aria-label', `Use ${avatarLabel(index, avatar)}`);
+    pick.title = avatarDetails(index, avatar);
     const img = document.createElement('img');
     img.src = `/avatars/${avatar.id}/image?size=192`;
     img.alt = '';
