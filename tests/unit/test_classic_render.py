@@ -177,6 +177,33 @@ def test_moving_head_reuses_mouth_shapes(renderer):
     assert np.array_equal(fresh, frames[2:])
 
 
+def test_open_mouth_corners_fade_into_the_lips(renderer, monkeypatch):
+    """Where the inner-lip outline meets at the corners, the painted cavity fades out into the
+    lips instead of ending in a sharp near-black point: at the corner tips a wide-open frame is
+    brighter than the same frame painted to the tip, and the middle of the mouth is unchanged."""
+    import lipsync.engines.classic.render as render_module
+
+    coeffs = render_module._quantize(renderer.coefficients(0.9, 0.0, 0.0, 0.0, 0.0))
+    s, up, lo = renderer._lip_curves(coeffs)
+    r = renderer.rig
+    tips = [r.origin + s[i] * 0.93 * r.axes[0] + 0.5 * (up[i] + lo[i]) * r.axes[1] for i in (0, -1)]
+    centre = r.origin + s[len(s) // 2] * r.axes[0] + 0.5 * (up[len(s) // 2] + lo[len(s) // 2]) * r.axes[1]
+
+    def luma_at(rgb, p):
+        x, y = int(round(p[0])), int(round(p[1]))
+        return float(rgb[y - 1:y + 2, x - 1:x + 2].astype(np.float32).mean())
+
+    renderer.clear_caches()
+    faded = _rgb(_render(renderer, jaw=0.9))
+    monkeypatch.setattr(render_module, "CORNER_FADE", 1e-3)  # painted to the tip
+    renderer.clear_caches()
+    sharp = _rgb(_render(renderer, jaw=0.9))
+    renderer.clear_caches()
+    for tip in tips:
+        assert luma_at(faded, tip) > luma_at(sharp, tip) + 10.0, (luma_at(faded, tip), luma_at(sharp, tip))
+    assert abs(luma_at(faded, centre) - luma_at(sharp, centre)) < 1.0
+
+
 def test_rig_survives_disk_round_trip_and_damage(avatar, tmp_path):
     engine = ClassicEngine()
     engine.prepare_avatar(avatar, tmp_path)

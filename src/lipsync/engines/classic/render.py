@@ -221,7 +221,12 @@ class FaceRenderer:
         shade *= np.float32(1.0) - np.float32(0.35) * x * x * (np.float32(3.0) - 2 * x)
         col *= shade[..., None]
         # the lip edge: a feather about a pixel wide at 512 px (wider on bigger frames)
-        edge = cv2.GaussianBlur(m, (0, 0), sigmaX=max(0.7, 0.009 * r.iod))[..., None]
+        edge = cv2.GaussianBlur(m, (0, 0), sigmaX=max(0.7, 0.009 * r.iod))
+        # the corners: the inner-lip outline meets at a point there, and a cavity painted to the
+        # tip reads as a sharp black wedge; over the last CORNER_FADE of the half-width it fades
+        # out into the lips (the commissure, where the lips meet, is lip, not cavity)
+        fade = np.clip((np.float32(1.0) - reach) * np.float32(1.0 / CORNER_FADE), 0.0, 1.0)
+        edge = (edge * (fade * fade * (np.float32(3.0) - 2 * fade)))[..., None]
         oy, ox = self._iy0 - self._my0 + sy0, self._ix0 - self._mx0 + sx0
         box = roi[oy:oy + sh, ox:ox + sw]
         blended = box.astype(np.float32) * (1.0 - edge) + col * edge
@@ -431,6 +436,9 @@ _QUANT = np.array([64.0, 32.0, 24.0, 24.0, 16.0, 16.0], np.float32)
 EYE_STEPS = 20
 MOUTH_CACHE_SIZE = 192  # ~100 KB each at 512x512
 EYE_CACHE_SIZE = 64
+#: Share of the mouth's half-width, at each corner, over which the painted interior fades out
+#: into the lips (see _paint_interior).
+CORNER_FADE = 0.12
 MOUTH_RGB_CACHE_SIZE = 96  # still mode off: ~170 KB each at 512x512
 #: Head motion leaves pixels whose head weight is at most this alone (they would move by less
 #: than this fraction of the head's shift: under 0.01 px for a shift of a few pixels).
