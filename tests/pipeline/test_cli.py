@@ -196,7 +196,7 @@ def test_user_mistakes_are_explained(tmp_path, args, needle):
 def test_usage_mistakes_are_one_line(args, needle):
     """What click itself refuses reads like every other refusal: one error line, exit 2."""
     proc = subprocess.run([sys.executable, "-m", "lipsync.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and needle in lines[0].lower(), lines
@@ -206,7 +206,7 @@ def test_usage_mistakes_are_one_line(args, needle):
 def test_help_and_version_still_exit_zero():
     for args in (["--help"], ["generate", "--help"], ["--version"]):
         proc = subprocess.run([sys.executable, "-m", "lipsync.cli", *args], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=120, check=False)
         assert proc.returncode == 0 and proc.stdout.strip() and not proc.stderr.strip(), (args, proc.stderr)
 
 
@@ -222,9 +222,9 @@ def test_serve_on_a_taken_port_is_one_line_before_any_model_loads(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "lipsync.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--cache-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True, text=True, timeout=120, check=False,
         )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
-    assert lines == [f"error: cannot listen on 127.0.0.1:{port}: another server is listening there; "
-                     "stop it or choose another --port (LIPSYNC_PORT)"], proc.stderr
+    assert lines == [(f"error: cannot listen on 127.0.0.1:{port}: another server is listening there; "
+                      "stop it or choose another --port (LIPSYNC_PORT)")], proc.stderr
