@@ -105,7 +105,7 @@ class FaceRenderer:
         self._eye_cache: OrderedDict[bytes, tuple] = OrderedDict()
         # RGB patches for still mode off (the head warp needs RGB around them)
         self._mouth_rgb_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self._eye_rgb_cache: OrderedDict[bytes, np.ndarray | None] = OrderedDict()
+        self._eye_rgb_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
@@ -367,6 +367,18 @@ class FaceRenderer:
         return self._cached(self._mouth_cache, coeffs.tobytes(), MOUTH_CACHE_SIZE,
                             lambda: _i420_planes(self._mouth(coeffs)))
 
+    def mouth_rgb(self, coeffs: np.ndarray) -> np.ndarray:
+        """The lower-face ROI as RGB for quantized basis weights (still mode off), LRU-cached."""
+        return self._cached(self._mouth_rgb_cache, coeffs.tobytes(), MOUTH_RGB_CACHE_SIZE,
+                            lambda: self._mouth(coeffs))
+
+    def eye_rgb(self, blink: float, brow: float) -> np.ndarray | None:
+        """The eye region as RGB (still mode off), LRU-cached; None when the eyes are at rest."""
+        if blink < 0.02 and abs(brow) < 0.02:
+            return None
+        return self._cached(self._eye_rgb_cache, np.array([blink, brow], np.float32).tobytes(), EYE_CACHE_SIZE,
+                            lambda: self._eyes(blink, brow))
+
     def eye_patch(self, blink: float, brow: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         rgb_key = np.array([blink, brow], np.float32).tobytes()
         if blink < 0.02 and abs(brow) < 0.02:
@@ -415,11 +427,8 @@ class FaceRenderer:
             coeffs = all_coeffs[i]
             frame = self.image.copy()
             if np.any(coeffs > 0):  # the same quantized shapes as still mode, cached as RGB
-                frame[my0:my1, mx0:mx1] = self._cached(self._mouth_rgb_cache, coeffs.tobytes(), MOUTH_RGB_CACHE_SIZE,
-                                                       lambda c=coeffs: self._mouth(c))
-            b, w = float(blink_q[i]), float(brow_q[i])
-            eyes = self._cached(self._eye_rgb_cache, np.array([b, w], np.float32).tobytes(), EYE_CACHE_SIZE,
-                                lambda b=b, w=w: self._eyes(b, w))
+                frame[my0:my1, mx0:mx1] = self.mouth_rgb(coeffs)
+            eyes = self.eye_rgb(float(blink_q[i]), float(brow_q[i]))
             if eyes is not None:
                 frame[ey0:ey1, ex0:ex1] = eyes
             map_x, map_y, (x0, y0, x1, y1) = self._head_map(*(float(v) for v in head[i]))
