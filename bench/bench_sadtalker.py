@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from typing_extensions import Self
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -58,7 +59,7 @@ class PeakRss:
             self.peak = max(self.peak, self._proc.memory_info().rss)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> Self:
         self.peak = self._proc.memory_info().rss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

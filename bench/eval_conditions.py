@@ -106,7 +106,7 @@ def clean_with_pause(shared: Path, out: Path) -> tuple[Path, Path, np.ndarray]:
         return float(np.mean(x[max(0, i - 160): i + 160] ** 2))
 
     cut = min(bounds, key=level)
-    i = int(round(cut * SR))
+    i = round(cut * SR)  # cut: a float from the JSON alignment, SR an int: round() gives an int
     # the gap holds the recording's own room tone (its last 0.2 s, after the final word), played
     # forward and backward in turn so it has no seams, ROOM_TONE_DB down: at its own level (~29 dB
     # under the speech peaks) lipeval, which wants 35 dB, would not see a pause

@@ -58,7 +58,7 @@ def _run(fn):
         _fail(e.message)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    except Exception as e:  # noqa: BLE001 - last resort: one line, details only on request
+    except Exception as e:  # last resort: one line, details only on request
         if os.environ.get("LIPSYNC_DEBUG"):
             raise
         _fail(f"internal error ({type(e).__name__}: {e}); rerun with LIPSYNC_DEBUG=1 for details",

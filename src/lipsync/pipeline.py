@@ -88,7 +88,7 @@ class LipSyncPipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_settings(cls, settings: Settings | None = None, **overrides) -> "LipSyncPipeline":
+    def from_settings(cls, settings: Settings | None = None, **overrides) -> LipSyncPipeline:
         """Build every component from settings (env ``LIPSYNC_*``), loading models once."""
         from .avatar import open_cache
         from .engines.base import load_engine

@@ -9,11 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from .options import MotionOptions
+
+if TYPE_CHECKING:  # typing.Self needs Python 3.11; annotations are not evaluated at run time
+    from typing_extensions import Self
 
 __all__ = ["AudioChunk", "AudioClip", "Avatar", "AvatarId", "FaceBox", "Frames", "GenerateResult", "Image",
            "MotionOptions", "StageTimes"]
@@ -32,7 +35,7 @@ class AvatarId(str):
 
     __slots__ = ()
 
-    def __new__(cls, value: str) -> AvatarId:
+    def __new__(cls, value: str) -> Self:
         if isinstance(value, AvatarId):
             return value
         if not isinstance(value, str) or not _AVATAR_ID.fullmatch(value):
@@ -80,7 +83,8 @@ class AudioClip:
 
     def n_frames(self, fps: int) -> int:
         """Video frames that cover this clip (rounded to the nearest frame, at least one)."""
-        return max(1, int(round(self.duration * fps)))
+        # fps may be a NumPy integer, and older NumPy (1.x) rounds a NumPy float to a NumPy float
+        return max(1, int(round(self.duration * fps)))  # noqa: RUF046
 
 
 @dataclass(frozen=True)

@@ -44,20 +44,19 @@ def test_first_bytes_arrive_while_later_chunks_still_render(server_factory, tmp_
     audio = wav_bytes(4.0)  # four 1 s chunks
     videos_before = server.stats()["generated"]["videos"]
     hold.touch()
-    with server.client() as client:
-        with client.stream(
-            "POST", "/generate", files={"audio": ("a.wav", audio)}, params={"stream": "true"}
-        ) as r:
-            assert r.status_code == 200
-            chunks = r.iter_raw()
-            # The last chunk cannot render while held, so these bytes were sent while the job was
-            # still running (a server that buffered the whole video would never send them).
-            first = next(chunks)
-            stats = server.stats()
-            assert stats["queue"]["in_flight"] == 1
-            assert stats["generated"]["videos"] == videos_before
-            hold.unlink()
-            rest = b"".join(chunks)
+    with server.client() as client, client.stream(
+        "POST", "/generate", files={"audio": ("a.wav", audio)}, params={"stream": "true"}
+    ) as r:
+        assert r.status_code == 200
+        chunks = r.iter_raw()
+        # The last chunk cannot render while held, so these bytes were sent while the job was
+        # still running (a server that buffered the whole video would never send them).
+        first = next(chunks)
+        stats = server.stats()
+        assert stats["queue"]["in_flight"] == 1
+        assert stats["generated"]["videos"] == videos_before
+        hold.unlink()
+        rest = b"".join(chunks)
     assert mp4_facts(first + rest).frames == 100
     wait_for(lambda: server.stats()["generated"]["videos"] == videos_before + 1)
 

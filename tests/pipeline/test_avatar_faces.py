@@ -21,7 +21,6 @@ from lipsync.avatar import (
 from lipsync.avatar.align import FACE_FRACTION, inter_ocular
 from lipsync.errors import NoFaceFound
 from lipsync.types import Avatar, Image
-
 from tests.material import PORTRAIT_MODES, TALL_SIZE, Material
 
 try:

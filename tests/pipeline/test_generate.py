@@ -11,7 +11,6 @@ import pytest
 from lipsync.errors import LipsyncError
 from lipsync.io import decode_audio
 from lipsync.pipeline import LipSyncPipeline, bundled_sample
-
 from tests.material import BAD, IMAGE_SUFFIXES, UNUSUAL
 
 

@@ -30,18 +30,19 @@ from lipsync.engines.sadtalker.checkpoints import (
 from tests.sadtalker.upstream import upstream_module
 
 # --- configuration facts (upstream src/config/facerender.yaml, auido2pose.yaml) ---------------
-FACERENDER_COMMON = dict(num_kp=15, image_channel=3, feature_channel=32, estimate_jacobian=False)
-KP_DETECTOR_PARAMS = dict(
-    temperature=0.1, block_expansion=32, max_features=1024, scale_factor=0.25, num_blocks=5,
-    reshape_channel=16384, reshape_depth=16,
-)
-GENERATOR_PARAMS = dict(
-    block_expansion=64, max_features=512, num_down_blocks=2, reshape_channel=32, reshape_depth=16,
-    num_resblocks=6, estimate_occlusion_map=True,
-    dense_motion_params=dict(block_expansion=32, max_features=1024, num_blocks=5, reshape_depth=16, compress=4),
-)
+FACERENDER_COMMON = {"num_kp": 15, "image_channel": 3, "feature_channel": 32, "estimate_jacobian": False}
+KP_DETECTOR_PARAMS = {
+    "temperature": 0.1, "block_expansion": 32, "max_features": 1024, "scale_factor": 0.25, "num_blocks": 5,
+    "reshape_channel": 16384, "reshape_depth": 16,
+}
+GENERATOR_PARAMS = {
+    "block_expansion": 64, "max_features": 512, "num_down_blocks": 2, "reshape_channel": 32,
+    "reshape_depth": 16, "num_resblocks": 6, "estimate_occlusion_map": True,
+    "dense_motion_params": {"block_expansion": 32, "max_features": 1024, "num_blocks": 5, "reshape_depth": 16,
+                            "compress": 4},
+}
 #: facerender.yaml ('crop') takes 70 coefficients; facerender_still.yaml ('full') 73.
-MAPPING_PARAMS = dict(descriptor_nc=1024, layer=3, num_kp=15, num_bins=66)
+MAPPING_PARAMS = {"descriptor_nc": 1024, "layer": 3, "num_kp": 15, "num_bins": 66}
 MAPPING_COEFFS = {"crop": 70, "full": 73}
 
 

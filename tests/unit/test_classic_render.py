@@ -5,6 +5,7 @@ rendered frame (inner-lip gap and mouth width over the inter-ocular distance).
 """
 from __future__ import annotations
 
+import itertools
 import threading
 
 import cv2
@@ -36,7 +37,7 @@ def _rgb(frames, i=0):
 
 
 def _render(renderer, jaw=0.0, lip_round=0.0, lip_close=0.0, blink=0.0, brow=0.0, head=None):
-    one = lambda v: np.array([v], np.float32)  # noqa: E731
+    one = lambda v: np.array([v], np.float32)
     return renderer.render(0, one(jaw), one(lip_round), one(lip_close), one(blink), one(brow),
                            None if head is None else np.array([head], np.float32))
 
@@ -53,7 +54,7 @@ def _geometry(rgb):
 
 def test_lip_gap_follows_jaw(renderer):
     gaps = [_geometry(_rgb(_render(renderer, jaw=j)))[0] for j in (0.0, 0.35, 0.7, 1.0)]
-    assert all(b > a for a, b in zip(gaps, gaps[1:])), gaps
+    assert all(b > a for a, b in itertools.pairwise(gaps)), gaps
     assert gaps[0] < 0.05, "jaw 0 must close the lips, even on a portrait smiling with teeth"
     assert gaps[-1] - gaps[0] > 0.2, gaps
 
@@ -190,7 +191,8 @@ def test_open_mouth_corners_fade_into_the_lips(renderer, monkeypatch):
     centre = r.origin + s[len(s) // 2] * r.axes[0] + 0.5 * (up[len(s) // 2] + lo[len(s) // 2]) * r.axes[1]
 
     def luma_at(rgb, p):
-        x, y = int(round(p[0])), int(round(p[1]))
+        # older NumPy (1.x) rounds a NumPy float to a NumPy float, which cannot index: keep int()
+        x, y = int(round(p[0])), int(round(p[1]))  # noqa: RUF046
         return float(rgb[y - 1:y + 2, x - 1:x + 2].astype(np.float32).mean())
 
     renderer.clear_caches()
@@ -414,7 +416,8 @@ def test_mouth_interior_is_darker_at_the_corners(renderer):
         k = int(np.argmin(np.abs(s - frac * np.abs(s).max())))
         ts = np.linspace(up[k], lo[k], 9)[2:7]
         pts = r.origin + s[k] * r.axes[0] + ts[:, None] * r.axes[1]
-        return float(np.mean([y[int(round(py)), int(round(px))] for px, py in pts]))
+        # older NumPy (1.x) rounds a NumPy float to a NumPy float, which cannot index: keep int()
+        return float(np.mean([y[int(round(py)), int(round(px))] for px, py in pts]))  # noqa: RUF046
 
     centre = along(0.0)
     corners = max(along(-0.85), along(0.85))
@@ -422,7 +425,7 @@ def test_mouth_interior_is_darker_at_the_corners(renderer):
 
 
 def test_labiodental_raises_the_lower_lip_to_the_upper_teeth(renderer):
-    one = lambda v: np.array([v], np.float32)  # noqa: E731
+    one = lambda v: np.array([v], np.float32)
     z = one(0.0)
     plain = _rgb(renderer.render(0, one(0.3), z, z, z, z))
     fv = _rgb(renderer.render(0, one(0.3), z, z, z, z, labiodental=one(1.0)))
@@ -441,7 +444,7 @@ def test_labiodental_raises_the_lower_lip_to_the_upper_teeth(renderer):
 
 
 def test_teeth_track_shows_more_teeth_but_never_opens_a_shut_mouth(renderer):
-    one = lambda v: np.array([v], np.float32)  # noqa: E731
+    one = lambda v: np.array([v], np.float32)
     z = one(0.0)
     plain = renderer.render(0, one(0.4), z, z, z, z).data
     shown = renderer.render(0, one(0.4), z, z, z, z, teeth=one(1.0)).data

@@ -64,7 +64,7 @@ def pipe(tmp_path: Path) -> LipSyncPipeline:
 
 
 def test_an_avatar_id_is_looked_up_never_read_as_a_path(pipe, tmp_path, monkeypatch):
-    image, data = make_image(1)
+    _image, data = make_image(1)
     cached, _ = pipe.add_avatar(data)
     found, hit = pipe.resolve_avatar(AvatarId(cached.id))
     assert found.id == cached.id and hit and np.array_equal(found.image, cached.image)
@@ -100,7 +100,7 @@ def test_the_pipeline_binds_its_cache_into_the_engine(pipe):
 
 def test_upright_source_is_the_stored_portrait_under_the_pixel_guard(tmp_path):
     cache = AvatarCache(tmp_path / "c", version="t1")
-    avatar, _, image, data = build(cache, seed=3)
+    avatar, _, image, _data = build(cache, seed=3)
     pixels = cache.upright_source(avatar.id)
     assert pixels.shape == image.pixels.shape and np.array_equal(pixels, image.pixels)
     with pytest.raises(AvatarNotFound):

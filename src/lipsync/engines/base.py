@@ -57,7 +57,7 @@ class RenderSession(ABC):
     #: whole chunk as "render". Subclasses assign a new dict; the class default is read-only.
     last_times: Mapping[str, float] = MappingProxyType({})
 
-    def begin_clip(self, clip: AudioClip) -> None:  # noqa: B027 - optional hook
+    def begin_clip(self, clip: AudioClip) -> None:  # optional hook
         """Called once with the whole clip before its first chunk (whole-clip analysis, e.g. phone
         recognition). Engines that work chunk by chunk ignore it."""
 
@@ -76,7 +76,7 @@ class RenderSession(ABC):
         whole chunk is done override this so the encoder starts sooner (better overlap)."""
         yield self.render(chunk)
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:  # optional hook
         """Release per-request resources."""
 
 
@@ -100,7 +100,7 @@ class Engine(ABC):
 
     @classmethod
     @abstractmethod
-    def from_settings(cls, settings: "Settings") -> "Engine":
+    def from_settings(cls, settings: Settings) -> Engine:
         """Build the engine (load weights) from settings."""
 
     @property
@@ -115,10 +115,10 @@ class Engine(ABC):
         """Read stored avatar files (``upright_source``) through ``cache`` from now on."""
         self.avatar_cache = cache
 
-    def warmup(self) -> None:  # noqa: B027 - optional hook
+    def warmup(self) -> None:  # optional hook
         """Run one small inference so the first request does not pay for lazy init."""
 
-    def prepare_avatar(self, avatar: Avatar, directory: Path) -> None:  # noqa: B027
+    def prepare_avatar(self, avatar: Avatar, directory: Path) -> None:  # optional hook
         """Engine-specific per-avatar precompute, written (atomically) under ``directory``.
 
         Called once per avatar and engine precompute version; later requests find the files.
@@ -178,6 +178,6 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(module, attr)
 
 
-def load_engine(settings: "Settings") -> Engine:
+def load_engine(settings: Settings) -> Engine:
     return engine_class(settings.engine).from_settings(settings)
 

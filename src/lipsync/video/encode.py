@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import TYPE_CHECKING, BinaryIO, Union
 
 import av
 import cv2
@@ -55,6 +55,9 @@ from .stream import (
     VideoTrack,
     annexb_to_length_prefixed,
 )
+
+if TYPE_CHECKING:  # typing.Self needs Python 3.11; annotations are not evaluated at run time
+    from typing_extensions import Self
 
 Target = Union[str, "os.PathLike[str]", BinaryIO]
 AAC_SAMPLE_RATE = 24_000
@@ -566,7 +569,7 @@ class Mp4Writer:
             if self._spool is not None:
                 self._spool.unlink(missing_ok=True)
 
-    def __enter__(self) -> Mp4Writer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -91,7 +91,7 @@ class ClassicEngine(Engine):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "ClassicEngine":
+    def from_settings(cls, settings: Settings) -> ClassicEngine:
         return cls()
 
     def context_for(self, options: MotionOptions) -> tuple[float, float]:

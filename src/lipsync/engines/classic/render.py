@@ -261,7 +261,7 @@ class FaceRenderer:
         if blink < 0.02 and abs(brow) < 0.02:
             return None
         r = self.rig
-        ex0, ey0, ex1, ey1 = self._eye
+        _ex0, _ey0, _ex1, _ey1 = self._eye
         sample = self._eye_grid.copy()
         if abs(brow) >= 0.02:
             sample += self._brow * float(brow)

@@ -103,7 +103,7 @@ class MouthRig:
         atomic_write(path, write)
 
     @classmethod
-    def load(cls, path: Path) -> "MouthRig | None":
+    def load(cls, path: Path) -> MouthRig | None:
         try:
             with np.load(path, allow_pickle=False) as data:
                 if str(data["rig_version"]) != RIG_VERSION:
@@ -270,7 +270,7 @@ def build_mouth_rig(image: np.ndarray, landmarks: np.ndarray) -> MouthRig:
 
     # closing a mouth that is open at rest: lips meet at the midline, the jaw comes up with
     # the lower lip
-    gap_at = lambda s: np.interp(s, s_dense, gap_rest_dense)  # noqa: E731
+    gap_at = lambda s: np.interp(s, s_dense, gap_rest_dense)
     f_close = lip_field(lambda s: 0.4 * gap_at(s), lambda s: -0.6 * gap_at(s),
                         -0.6 * rest_gap * iod, 0.0)
 
@@ -351,7 +351,7 @@ def _corner_field(st, origin, ex, ey, iod, hw_out, anchors, pix_st, shape, *, in
         return -inward * s  # corners (|s| = hw) move by inward * hw towards the centre
 
     for idx in range(48, 68):
-        s, t = st[idx]
+        s, _t = st[idx]
         frac = min(1.0, abs(s) / hw_out)
         dy = 0.0
         if idx in (49, 50, 51, 52, 53):
@@ -619,14 +619,14 @@ def _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_
         upper = _match_photo(_teeth_layer(s, upper_v, sn, iod, teeth_colour, 1.0, 1.0), photo, seed=2,
                              backdrop=cav)
 
-    return dict(
-        ibox=np.asarray(box, np.int32),
-        cavity=cav.astype(np.float32),
-        upper_teeth=upper.astype(np.float32),
-        lower_teeth=jaw_layer.astype(np.float32),
-        photo=photo.astype(np.float64),
-        own_teeth=float(own),
-    )
+    return {
+        "ibox": np.asarray(box, np.int32),
+        "cavity": cav.astype(np.float32),
+        "upper_teeth": upper.astype(np.float32),
+        "lower_teeth": jaw_layer.astype(np.float32),
+        "photo": photo.astype(np.float64),
+        "own_teeth": float(own),
+    }
 
 
 # ----------------------------------------------------------------------------- eyes and brows
@@ -674,8 +674,8 @@ def _eye_rig(image, lm, ex, ey, iod):
     targets = np.vstack([ctrl + disp, anchors])
     values = np.vstack([-disp, np.zeros((len(anchors), 2))])
     field = _rbf_field(targets, values, st_pix, grid.shape[:2]).reshape(grid.shape).astype(np.float32)
-    return dict(eye_roi=np.asarray(roi, np.int32), eye_grid=grid, lid_upper=lid_upper, lid_lower=lid_lower,
-                lid_top=lid_top, brow_field=field)
+    return {"eye_roi": np.asarray(roi, np.int32), "eye_grid": grid, "lid_upper": lid_upper,
+            "lid_lower": lid_lower, "lid_top": lid_top, "brow_field": field}
 
 
 def rig_for_avatar(avatar: Avatar, size: int) -> tuple[np.ndarray, np.ndarray]:
