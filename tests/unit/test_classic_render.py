@@ -92,6 +92,26 @@ def test_only_the_face_regions_change(renderer):
     assert changed.mean() < 0.3
 
 
+def test_opening_jaw_moves_the_chin_not_the_neck_or_clothes(renderer, avatar):
+    """The chin drops over the top of the neck; what lies below the moved jaw line (neck, collar,
+    the bundled portrait's turtleneck) stays put (a newcomer saw the clothes bob with each
+    syllable when the jaw field reached down to the bottom of the lower-face box)."""
+    from lipsync.engines.classic.rig import CHIN_GAIN, JAW_LOWER, NECK_MARGIN
+
+    lm = np.asarray(avatar.landmarks, np.float64)
+    iod = np.linalg.norm(lm[36:42].mean(0) - lm[42:48].mean(0))
+    shut = _rgb(_render(renderer, jaw=0.0)).astype(np.int16)
+    wide = _rgb(_render(renderer, jaw=1.0)).astype(np.int16)
+    diff = np.abs(wide - shut).max(axis=2)
+    cx, cy = lm[8]
+    cols = slice(int(cx - 0.6 * iod), int(cx + 0.6 * iod))
+    below = int(np.ceil(cy + CHIN_GAIN * JAW_LOWER * iod + (NECK_MARGIN + 0.05) * iod))
+    assert below < diff.shape[0] - 5, "the portrait must show some neck below the chin"
+    assert diff[below:, cols].max() <= 2, "the neck / clothes below the dropped chin moved"
+    # ... while the chin itself came down
+    assert diff[int(cy - 0.15 * iod): int(cy + 0.1 * iod), cols].mean() > 5
+
+
 def test_patch_cache_returns_what_a_fresh_render_would(renderer, avatar):
     jaw = np.linspace(0, 1, 12, dtype=np.float32)
     args = (jaw, np.sin(jaw * 5).astype(np.float32), np.zeros(12, np.float32),

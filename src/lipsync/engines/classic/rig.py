@@ -32,7 +32,7 @@ from scipy.interpolate import PchipInterpolator, RBFInterpolator
 from ...fsutil import atomic_write
 from ...types import Avatar
 
-RIG_VERSION = "4"
+RIG_VERSION = "5"  # 5: the neck and clothes below the jaw line stay put
 
 # Motion basis amplitudes, in inter-ocular distances (iod). At jaw=1 the inner-lip gap grows by
 # JAW_LOWER + JAW_UPPER = 0.37 iod, a wide "AA"; ordinary speech uses a third to a half of that.
@@ -40,6 +40,11 @@ JAW_LOWER = 0.30
 JAW_UPPER = 0.07
 JAW_CORNER = 0.05  # mouth corners drop a little as the jaw opens
 CHIN_GAIN = 1.08  # the chin is further from the jaw hinge than the lower lip
+# Below the jaw line (the face contour, landmarks 3-13, where the motion has put it) nothing
+# moves: the chin slides over the top of the neck, and the neck, a collar or a tie stay put. The
+# motion fades out over NECK_FEATHER (iod), ending NECK_MARGIN (iod) below the line.
+NECK_MARGIN = 0.06
+NECK_FEATHER = 0.15
 ROUND_IN = 0.24  # rounded vowels pull each corner in by this fraction of the half-width
 ROUND_PROTRUDE = 0.025  # ... and thicken the lips (iod)
 SPREAD_OUT = 0.10  # spread vowels pull the corners out by this fraction of the half-width
@@ -257,6 +262,10 @@ def build_mouth_rig(image: np.ndarray, landmarks: np.ndarray) -> MouthRig:
         w_up = w_up * edge
         w_lo = w_lo * edge
         field_st[:, 1] = field_st[:, 1] * (1 - w_up - w_lo) + upv * w_up + lov * w_lo
+        # below the moved jaw line: still (a backward field, so "below" is where the line went)
+        moved = np.array([st[i] + (0.0, chin_d * f) for i, f in falloff.items()])
+        line = _curve(moved, s)  # smooth (PCHIP) through the moved contour, flat beyond its ends
+        field_st *= _smoothstep((line + NECK_MARGIN * iod - t) / (NECK_FEATHER * iod))[:, None]
         return _face_to_pixels(field_st, ex, ey)
 
     # jaw opening
