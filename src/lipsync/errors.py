@@ -88,6 +88,13 @@ class JobTimeout(LipsyncError):
     code = "timeout"
 
 
+class OutputNotWritable(LipsyncError):
+    """The video cannot be written where the caller asked (a directory, no permission, no space,
+    a read-only file system). Only callers that name an output path (CLI, Python) can cause it."""
+
+    code = "output_not_writable"
+
+
 # --- configuration / models ------------------------------------------------------------------
 class ConfigError(LipsyncError):
     """Settings that cannot work (unknown engine, bad device)."""

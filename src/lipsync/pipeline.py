@@ -7,6 +7,7 @@ threads: the engine is shared, each request gets its own render session.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -19,11 +20,15 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from .errors import AvatarNotFound, InvalidInput, JobTimeout
+from .errors import AvatarNotFound, InvalidInput, JobTimeout, OutputNotWritable
 from .fsutil import atomic_write
 from .options import MotionOptions, option_names
 from .settings import Settings, settings_error
 from .types import AudioClip, Avatar, AvatarId, Frames, GenerateResult, StageTimes
+
+#: File-system errors that mean "this output path cannot be written" (not a bug of ours).
+_OUTPUT_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EACCES, errno.EPERM,
+                            errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EXDEV})
 
 if TYPE_CHECKING:
     from .avatar.cache import AvatarCache, AvatarInfo
@@ -317,9 +322,11 @@ class LipSyncPipeline:
         ``overrides`` are MotionOptions fields (expression_scale, lip_scale, still, blink, size, fps,
         seed) applied on top of the settings' defaults.
         """
+        output = Path(output)
+        if output.is_dir():  # before any work: the rename at the end would fail
+            raise OutputNotWritable(f"output path is a directory: {output}", path=str(output))
         timer = _Timer()
         clip, av, hit, opts = self._prepare(audio, avatar, options, overrides, timer)
-        output = Path(output)
         frames_done = 0
 
         def write(tmp: Path) -> None:
@@ -333,7 +340,14 @@ class LipSyncPipeline:
                 with timer.stage("encode"):
                     writer.close()
 
-        atomic_write(output, write, durable=False)  # a video is rebuilt, not recovered, after a crash
+        try:
+            atomic_write(output, write, durable=False)  # a video is rebuilt, not recovered, after a crash
+        except OSError as e:
+            if e.errno not in _OUTPUT_ERRNOS:
+                raise
+            why = ("a part of the path is a file, not a directory" if e.errno in (errno.EEXIST, errno.ENOTDIR)
+                   else e.strerror or str(e))
+            raise OutputNotWritable(f"cannot write the video to {output}: {why}", path=str(output)) from e
         return GenerateResult(avatar_id=av.id, frames=frames_done, fps=opts.fps,
                               audio_seconds=clip.duration, output=output, times=timer.result(),
                               avatar_cache_hit=hit)

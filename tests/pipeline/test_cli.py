@@ -186,6 +186,25 @@ def test_user_mistakes_are_explained(tmp_path, args, needle):
     assert "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("where,needle", [
+    ("dir", "output path is a directory"),
+    ("under_a_file", "cannot write the video to"),
+])
+def test_an_output_path_that_cannot_be_written_is_one_line_exit_1(tmp_path, where, needle):
+    """A directory, or a path under a plain file: refused like bad input (exit 1), not an
+    internal error (exit 3), and nothing is left behind."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "plain").write_text("x")
+    out = tmp_path / "out" if where == "dir" else tmp_path / "plain" / "x.mp4"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    r = CliRunner().invoke(main, ["generate", "--sample", "-o", str(out), "--cache-dir", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 1, (r.exit_code, r.output)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    after = sorted(p.name for p in tmp_path.rglob("*") if not p.is_relative_to(tmp_path / "c"))
+    assert after == before  # no temp file beside the target, the directory still a directory
+
+
 @pytest.mark.parametrize("args,needle", [
     (["generate", "--sample"], "missing option '--output'"),
     (["generate", "--sample", "-o", "x.mp4", "--colour", "red"], "no such option '--colour'"),
