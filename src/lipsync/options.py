@@ -119,6 +119,28 @@ def field_spec(model: type, name: str) -> FieldSpec:
                      annotation=info.annotation, **found)
 
 
+#: pydantic error types that a value outside an option's limits produces.
+_LIMIT_ERRORS = frozenset({"greater_than_equal", "less_than_equal", "greater_than", "less_than",
+                           "multiple_of", "finite_number"})
+
+
+def limits_message(name: str, error_type: str) -> str | None:
+    """``"must be 64..1024, even"`` for a value of option ``name`` (a ``MotionOptions`` or
+    ``EncoderOptions`` field) that failed one of its limits (pydantic ``error_type``), or None.
+
+    pydantic reports the first limit it checks, so 10**20 for ``size`` read "should be a multiple
+    of 2" and NaN for a scale "should be less than or equal to 3"; the whole range says what to
+    send instead.
+    """
+    if error_type not in _LIMIT_ERRORS:
+        return None
+    for model in (MotionOptions, EncoderOptions):
+        if name in model.__pydantic_fields__:  # type: ignore[attr-defined]
+            text = field_spec(model, name).range_text()
+            return f"must be {text}" if text else None
+    return None
+
+
 def option_names(model: type) -> tuple[str, ...]:
     """The field names of an options model, in declaration order."""
     return tuple(model.__pydantic_fields__)  # type: ignore[attr-defined]

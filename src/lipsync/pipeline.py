@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from .errors import AvatarNotFound, InvalidInput, JobTimeout, OutputNotWritable
 from .fsutil import atomic_write
-from .options import MotionOptions, option_names
+from .options import MotionOptions, limits_message, option_names
 from .settings import Settings, settings_error
 from .types import AudioClip, Avatar, AvatarId, Frames, GenerateResult, StageTimes
 
@@ -232,7 +232,8 @@ class LipSyncPipeline:
         except ValidationError as e:
             err = e.errors()[0]
             name = str(err["loc"][0]) if err.get("loc") else "options"
-            raise InvalidInput(f"{name}: {err.get('msg', 'invalid value')}", field=name) from None
+            why = limits_message(name, str(err.get("type", ""))) or err.get("msg", "invalid value")
+            raise InvalidInput(f"{name}: {why}", field=name) from None
 
     # ------------------------------------------------------------------ audio
     def load_audio(self, audio: AudioSource | AudioClip) -> AudioClip:

@@ -175,8 +175,10 @@ def test_cli_options_carry_the_model_defaults_and_limits():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--size", str(MAX_OUTPUT_SIZE + 2)], f"size (--size {MAX_OUTPUT_SIZE + 2})"),
-    (["--crf", "99"], "crf (--crf 99)"),
+    (["--size", str(MAX_OUTPUT_SIZE + 2)], f"size (--size {MAX_OUTPUT_SIZE + 2}): must be 64..{MAX_OUTPUT_SIZE}, even"),
+    (["--size", "9" * 20], f"must be 64..{MAX_OUTPUT_SIZE}, even"),  # pydantic alone: "multiple of 2"
+    (["--expression-scale", "nan"], "must be 0.0..3.0"),  # pydantic alone: "<= 3"
+    (["--crf", "99"], "crf (--crf 99): must be 0..51"),
     (["--preset", "bogus"], "preset (--preset bogus)"),
     (["--seed", "-1"], "seed (--seed -1)"),
 ])

@@ -35,6 +35,7 @@ from ..errors import (
     ShuttingDown,
     UnsupportedMedia,
 )
+from ..options import limits_message
 
 log = logging.getLogger("lipsync.server")
 
@@ -174,10 +175,11 @@ def _validation_summary(errors: list[dict]) -> tuple[str, list[dict]]:
     items = []
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        why = limits_message(loc[-1], str(err.get("type", ""))) if loc else None
         items.append(
             {
                 "field": ".".join(loc) or None,
-                "message": str(err.get("msg", "invalid")),
+                "message": why or str(err.get("msg", "invalid")),
                 "type": str(err.get("type", "")),
             }
         )
