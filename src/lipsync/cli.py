@@ -48,6 +48,20 @@ def _settings(**overrides: Any):
         _fail(message, EXIT_CONFIG)
 
 
+def _check_file(path, what: str, *, id_hint: bool = False) -> None:
+    """One error line unless ``path`` is a readable regular file: missing, a directory and a
+    device or pipe are told apart (``/dev/null`` is not "not found")."""
+    p = Path(path)
+    if not p.exists():
+        hint = (" (nor an avatar id: the 64 hex characters `lipsync precompute` prints)"
+                if id_hint else "")
+        _fail(f"{what} not found: {path}{hint}")
+    if p.is_dir():
+        _fail(f"{what} expected, got a directory: {path}")
+    if not p.is_file():
+        _fail(f"{what} expected, got a device, pipe or socket: {path}")
+
+
 def _run(fn):
     """Run a command body, turning our errors into one-line messages."""
     try:
@@ -164,13 +178,15 @@ def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, 
         audio = audio or bundled_sample("speech.wav")
     if audio is None:
         _fail("--audio is required (or --sample for the bundled speech)")
-    if not Path(audio).is_file():
-        _fail(f"audio file not found: {audio}")
+    _check_file(audio, "audio file")
     # an existing file is a portrait; otherwise an id-shaped value names a cached avatar
     avatar_ref: Path | AvatarId | None = None
     if avatar is not None:
-        avatar_ref = AvatarId(str(avatar)) if not Path(avatar).exists() and AvatarId.is_valid(str(avatar)) \
-            else Path(avatar)
+        if not Path(avatar).exists() and AvatarId.is_valid(str(avatar)):
+            avatar_ref = AvatarId(str(avatar))
+        else:
+            _check_file(avatar, "image file", id_hint=True)
+            avatar_ref = Path(avatar)
     settings = _settings(engine=engine, checkpoints=checkpoints, device=device, cache_dir=cache_dir,
                          **options)
 
@@ -220,8 +236,7 @@ def precompute(avatar, force, engine, checkpoints, device, cache_dir) -> None:
     def body():
         pipe = LipSyncPipeline.from_settings(settings)
         source = avatar or settings.avatar or bundled_sample("portrait.png")
-        if not Path(source).is_file():
-            _fail(f"image file not found: {source}")
+        _check_file(source, "image file")
         t0 = time.perf_counter()
         av, hit = pipe.add_avatar(source, force=force)
         click.echo(av.id)

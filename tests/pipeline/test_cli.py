@@ -178,6 +178,9 @@ def test_bad_files_give_one_line_and_nonzero_exit(tmp_path, material, name):
     (["generate", "--sample", "-o", "x.mp4", "--size", "333"], "size"),
     (["generate", "--sample", "-o", "x.mp4", "--engine", "nope"], "unknown engine"),
     (["generate", "--sample", "-o", "x.mp4", "--avatar", "0" * 64], "no avatar"),
+    (["generate", "--audio", "/", "-o", "x.mp4"], "audio file expected, got a directory"),
+    (["generate", "--audio", "/dev/null", "-o", "x.mp4"], "got a device, pipe or socket"),
+    (["generate", "--sample", "-o", "x.mp4", "--avatar", "deadbeef"], "nor an avatar id"),
 ])
 def test_user_mistakes_are_explained(tmp_path, args, needle):
     r = CliRunner().invoke(main, args + ["--cache-dir", str(tmp_path)])
