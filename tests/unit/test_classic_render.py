@@ -182,6 +182,31 @@ def test_head_map_is_the_rigid_motion_blended_by_the_head_weight(renderer):
     assert moved.size == 0 or moved.max() <= HEAD_WEIGHT_MIN * largest + 1e-9
 
 
+@pytest.mark.parametrize("pitch,yaw", [(-12.0, 0.0), (12.0, 0.0), (0.0, 15.0), (0.0, -15.0)])
+def test_a_big_head_move_never_samples_beyond_the_picture(avatar, pitch, yaw):
+    """A portrait cropped at the hair (the head reaches the top edge) nodding far (expression
+    scale 3): every source pixel of the head map lies inside the picture (a reflected border
+    drew a mirrored copy of the hair at the top), the edge rows stay the portrait's own, and the
+    face still moves."""
+    img = np.asarray(avatar.image)
+    lm = np.asarray(avatar.landmarks, np.float64)
+    iod = np.linalg.norm(lm[36:42].mean(0) - lm[42:48].mean(0))
+    k = int(max(1, lm[62, 1] - 2.2 * iod))  # cut the picture at the hair: scroll it up by k rows
+    img = np.ascontiguousarray(np.vstack([img[k:], np.repeat(img[-1:], k, axis=0)]))
+    lm = lm - (0.0, k)
+    r = FaceRenderer(img, build_mouth_rig(img, lm))
+    map_x, map_y, (x0, y0, x1, y1) = r._head_map(yaw, pitch, 0.0)
+    assert y0 <= 1, "the head weight must reach the top edge for this test to mean anything"
+    assert map_x.min() >= 0 and map_x.max() <= r.width - 1
+    assert map_y.min() >= 0 and map_y.max() <= r.height - 1
+    gy, gx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    if y0 == 0:  # the top row is itself (above the box it is left alone anyway)
+        assert np.abs(map_y[0] - gy[0]).max() < 1e-3
+    nose = (int(lm[30, 1]) - y0, int(lm[30, 0]) - x0)
+    moved = np.hypot(map_x[nose] - gx[nose], map_y[nose] - gy[nose])
+    assert moved > 5, moved  # ...and the head still moved (pixels)
+
+
 def test_moving_head_reuses_mouth_shapes(renderer):
     """Still mode off serves repeated mouth shapes from a cache too, and a cached frame is the
     one a fresh render gives."""

@@ -312,9 +312,14 @@ class FaceRenderer:
         wgt = self._head_weight
         dx = cv2.addWeighted(gx, float(rot_inv[0, 0] - 1.0), gy, float(rot_inv[0, 1]), float(b[0]))
         dy = cv2.addWeighted(gx, float(rot_inv[1, 0]), gy, float(rot_inv[1, 1] - 1.0), float(b[1]))
-        map_x = cv2.add(gx, cv2.multiply(dx, wgt))
-        map_y = cv2.add(gy, cv2.multiply(dy, wgt))
-        return map_x, map_y, self._head_box
+        mx, my = cv2.multiply(dx, wgt), cv2.multiply(dy, wgt)
+        # Every source pixel stays inside the picture: a head that would pull pixels from beyond
+        # an edge (a big nod on a portrait cropped at the hair) moves only as far as the picture
+        # allows in this frame, instead of showing a mirrored copy of the hair (reflected border).
+        k = min(_room(gx, mx, self.width - 1), _room(gy, my, self.height - 1))
+        if k < 1.0:
+            mx, my = mx * np.float32(k), my * np.float32(k)
+        return cv2.add(gx, mx), cv2.add(gy, my), self._head_box
 
     def _make_head_weight(self) -> tuple[np.ndarray, tuple, tuple[np.ndarray, np.ndarray]]:
         """The head's weight (1 inside a soft ellipse over the head, fading to 0 at the
@@ -328,6 +333,13 @@ class FaceRenderer:
         angle = float(np.degrees(np.arctan2(r.axes[0][1], r.axes[0][0])))
         cv2.ellipse(mask, (int(centre[0]), int(centre[1])), axes, angle, 0, 360, 1.0, -1)
         weight = cv2.GaussianBlur(mask, (0, 0), sigmaX=0.45 * r.iod)
+        # fade to 0 at the picture's edges (linear over HEAD_EDGE_RAMP iod): a portrait cropped at
+        # the hair stretches the hair a little when the head nods down, instead of pulling in
+        # pixels from beyond the edge (``_room`` caps a motion larger than the ramp)
+        ramp = HEAD_EDGE_RAMP * r.iod
+        yy = np.minimum(np.arange(h), np.arange(h)[::-1]).astype(np.float32)
+        xx = np.minimum(np.arange(w), np.arange(w)[::-1]).astype(np.float32)
+        weight *= np.minimum(1.0, np.minimum(yy[:, None], xx[None, :]) / ramp)
         ys, xs = np.nonzero(weight > HEAD_WEIGHT_MIN)
         if len(xs) == 0:
             box = (0, 0, 1, 1)
@@ -438,6 +450,18 @@ class FaceRenderer:
         return Frames(first_index=first_frame, data=out, pixel_format="yuv420p")
 
 
+def _room(grid: np.ndarray, move: np.ndarray, last: float) -> float:
+    """Largest k <= 1 with 0 <= grid + k * move <= last everywhere (grid: pixel coordinates,
+    move: their backward displacement; ``last`` the picture's last pixel index)."""
+    k = 1.0
+    back, fwd = move < -1e-3, move > 1e-3
+    if back.any():
+        k = min(k, float(np.min(grid[back] / -move[back])))
+    if fwd.any():
+        k = min(k, float(np.min((last - grid[fwd]) / move[fwd])))
+    return max(0.0, k)
+
+
 # Quantization of the per-frame mouth weights (jaw, close, round, spread). One jaw step moves the
 # lower lip by 0.37/64 iod (under a pixel at 512x512): invisible, and it lets the patch cache
 # serve repeated shapes.
@@ -452,6 +476,8 @@ MOUTH_RGB_CACHE_SIZE = 96  # still mode off: ~170 KB each at 512x512
 #: Head motion leaves pixels whose head weight is at most this alone (they would move by less
 #: than this fraction of the head's shift: under 0.01 px for a shift of a few pixels).
 HEAD_WEIGHT_MIN = 1e-3
+#: The head's weight falls linearly to 0 over this distance (iod) from the picture's edges.
+HEAD_EDGE_RAMP = 0.5
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
