@@ -151,11 +151,22 @@ class _OneLineErrors(click.Group):
 @click.group(cls=_OneLineErrors,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="lipsync-server", prog_name="lipsync")
-@click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each stage does (also after a command).")
 def main(verbose: bool) -> None:
     """Portrait + speech in, lip-synced MP4 out (512x512, 25 fps, H.264 + AAC)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+def _set_verbose(ctx, param, value) -> None:
+    if value:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def _verbose_option(f):
+    """``-v`` after the command too (``lipsync generate ... -v``), like before it."""
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbose,
+                        help="Log what each stage does.")(f)
 
 
 @main.command(epilog="Example: lipsync generate -a face.jpg -i speech.wav -o talk.mp4")
@@ -165,6 +176,7 @@ def main(verbose: bool) -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="MP4 to write.")
 @click.option("--sample", is_flag=True, help="Use the bundled sample portrait and speech.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_verbose_option
 @_engine_options
 @_motion_options
 @_encoder_options
@@ -226,6 +238,7 @@ def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, 
 @main.command()
 @click.option("--avatar", "-a", type=click.Path(path_type=Path), help="Portrait (default: the configured one).")
 @click.option("--force", is_flag=True, help="Drop the cached entry and recompute.")
+@_verbose_option
 @_engine_options
 def precompute(avatar, force, engine, checkpoints, device, cache_dir) -> None:
     """Detect the face, align and cache the avatar; prints its id."""
@@ -256,6 +269,7 @@ def precompute(avatar, force, engine, checkpoints, device, cache_dir) -> None:
 @click.option("--ray-config", type=click.Path(exists=True, dir_okay=False),
               help="With --ray: a Serve config file, e.g. deploy/serve.yaml.")
 @click.option("--ray-address", help="With --ray: join this Ray cluster instead of starting one.")
+@_verbose_option
 @_engine_options
 def serve(host, port, workers, avatar, engine, checkpoints, device, cache_dir, use_ray, ray_config,
           ray_address) -> None:

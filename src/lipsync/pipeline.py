@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,8 @@ from .fsutil import atomic_write
 from .options import MotionOptions, limits_message, option_names
 from .settings import Settings, settings_error
 from .types import AudioClip, Avatar, AvatarId, Frames, GenerateResult, StageTimes
+
+log = logging.getLogger(__name__)
 
 #: File-system errors that mean "this output path cannot be written" (not a bug of ours).
 _OUTPUT_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EACCES, errno.EPERM,
@@ -255,6 +258,15 @@ class LipSyncPipeline:
         if mode == "off" or clip.speech is not None:  # off, or conditioned already
             return clip
         done = condition(clip.samples, clip.sample_rate, mode=mode)
+        if log.isEnabledFor(logging.INFO):
+            r = done.report
+            fixed = [f"DC offset {r.dc_offset:+.3f} removed" if r.dc_offset else "",
+                     f"high-pass {r.highpass_hz:.0f} Hz" if r.highpass_hz else "",
+                     f"{r.hum_hz:.2f} Hz hum removed ({len(r.hum_harmonics)} lines)" if r.hum_hz else "",
+                     f"denoised (speech/noise {r.snr_db:.1f} dB)" if r.denoised else "",
+                     f"gain {r.gain_db:+.1f} dB" if r.gain_db else ""]
+            log.info("audio: %.2f s, %.2f s of it speech; conditioning (%s): %s", clip.duration,
+                     r.speech_seconds, mode, ", ".join(f for f in fixed if f) or "nothing to repair")
         return AudioClip(samples=done.samples, sample_rate=clip.sample_rate, speech=done.speech)
 
     # ------------------------------------------------------------------ generation
@@ -305,6 +317,7 @@ class LipSyncPipeline:
             clip = self.load_audio(audio)
         with timer.stage("precompute"):
             av, hit = self.resolve_avatar(avatar)
+        log.info("avatar %s: %s", av.id[:12], "from the cache" if hit else "detected, aligned and cached")
         opts = options if options is not None else self.motion_options(**overrides)
         return clip, av, hit, opts
 
@@ -349,9 +362,13 @@ class LipSyncPipeline:
             why = ("a part of the path is a file, not a directory" if e.errno in (errno.EEXIST, errno.ENOTDIR)
                    else e.strerror or str(e))
             raise OutputNotWritable(f"cannot write the video to {output}: {why}", path=str(output)) from e
-        return GenerateResult(avatar_id=av.id, frames=frames_done, fps=opts.fps,
-                              audio_seconds=clip.duration, output=output, times=timer.result(),
-                              avatar_cache_hit=hit)
+        result = GenerateResult(avatar_id=av.id, frames=frames_done, fps=opts.fps,
+                                audio_seconds=clip.duration, output=output, times=timer.result(),
+                                avatar_cache_hit=hit)
+        log.info("wrote %s: %d frames at %d fps, %d px, engine %s; seconds per stage %s", output,
+                 frames_done, opts.fps, opts.size, self.engine.name,
+                 {k: round(v, 3) for k, v in result.times.as_dict().items()})
+        return result
 
     def stream(self, audio: AudioSource | AudioClip, *, avatar: AvatarRef = None,
                options: MotionOptions | None = None, deadline: float | None = None,

@@ -189,6 +189,18 @@ def test_user_mistakes_are_explained(tmp_path, args, needle):
     assert "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("before", [True, False])
+def test_verbose_logs_each_stage_before_or_after_the_command(tmp_path, before):
+    """``-v`` works before the command and after it, and says what each stage did."""
+    args = ["generate", "--sample", "-o", str(tmp_path / "v.mp4"), "--cache-dir", str(tmp_path), "-q"]
+    args = ["-v", *args] if before else [*args, "-v"]
+    proc = subprocess.run([sys.executable, "-m", "lipsync.cli", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("INFO lipsync.pipeline: avatar ", "audio: 10.2", "conditioning (", "wrote ", "'motion':"):
+        assert needle in proc.stderr, (needle, proc.stderr)
+
+
 @pytest.mark.parametrize("where,needle", [
     ("dir", "output path is a directory"),
     ("under_a_file", "cannot write the video to"),
