@@ -279,10 +279,15 @@ class LipSyncPipeline:
         if options.seed is None:  # same input -> same blinks and head motion
             digest = hashlib.sha256(clip.samples.tobytes()).digest()
             options = replace(options, seed=int.from_bytes(digest[:4], "little"))
+        def check_deadline() -> None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise JobTimeout(f"generation took longer than the {self.settings.request_timeout_s:g} s limit")
+
         t0 = time.perf_counter()
         clip = self.condition_audio(clip)  # the motion model's view; the MP4 keeps the caller's clip
         if timer is not None:
             timer.add("audio", time.perf_counter() - t0)
+        check_deadline()  # a job past its limit stops at the next stage or chunk boundary
         total = clip.n_frames(options.fps)
         assets = self.cache.engine_dir(avatar.id, self.engine.name, self.engine.precompute_version)
         session = self.engine.start(avatar, options, total, assets=assets)
@@ -291,8 +296,7 @@ class LipSyncPipeline:
             session.begin_clip(clip)  # whole-clip analysis (the engine's own time, in its first chunk)
             for chunk in iter_chunks(clip, fps=options.fps, chunk_seconds=self.settings.chunk_seconds,
                                      context=self.engine.context_for(options)):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise JobTimeout(f"generation took longer than the {self.settings.request_timeout_s:g} s limit")
+                check_deadline()
                 batches = session.render_iter(chunk)
                 engine_s = 0.0
                 while True:

@@ -1,6 +1,7 @@
 """The pipeline end to end: container, chunking, caching, bad and odd inputs (files from tests/material.py)."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,3 +141,22 @@ def test_stream_yields_fragmented_mp4_before_the_last_chunk_renders(pipe, materi
         assert c.streams.audio
         assert sum(1 for _ in c.decode(c.streams.video[0])) == results[0].frames
     assert results[0].times.render > 0 and results[0].times.encode >= 0
+
+
+def test_a_job_past_its_deadline_stops_before_the_whole_clip_analysis(pipe, material, tmp_path, monkeypatch):
+    """The phone decoding of the whole clip cannot be interrupted once started, so a job whose
+    time is up after the audio stage (a 504 already sent) must not start it."""
+    from lipsync.errors import JobTimeout
+
+    started = []
+    original = pipe.engine.start
+
+    def spy(*a, **kw):
+        started.append(1)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(pipe.engine, "start", spy)
+    out = tmp_path / "late.mp4"
+    with pytest.raises(JobTimeout):
+        pipe.generate(material.path("speech/speech_3s.wav"), out, deadline=time.monotonic() - 1.0)
+    assert started == [] and not out.exists()
