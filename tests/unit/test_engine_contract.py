@@ -119,3 +119,19 @@ def test_sadtalker_reads_the_portrait_only_through_the_cache():
     assert "glob(" not in source and "max_pixels" not in source and "FACE_META" not in source
     assert "self.avatar_cache.upright_source(avatar.id)" in source
 
+
+
+def test_classic_engine_says_a_cuda_device_does_not_apply_to_it(caplog):
+    """``--device cuda`` with the CPU-only classic engine is not silently accepted."""
+    import logging
+
+    from lipsync.engines.classic.engine import ClassicEngine
+    from lipsync.settings import Settings
+
+    with caplog.at_level(logging.WARNING):
+        ClassicEngine.from_settings(Settings(device="cuda"))
+    assert any("runs on the CPU" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ClassicEngine.from_settings(Settings(device="cpu"))
+    assert not caplog.records

@@ -7,6 +7,7 @@ avatar and in memory, so a warm request does no geometry work at all.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -92,6 +93,10 @@ class ClassicEngine(Engine):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClassicEngine:
+        if str(settings.device).startswith("cuda"):
+            logging.getLogger(__name__).warning(
+                "the classic engine runs on the CPU; device %r applies to neural engines (sadtalker) only",
+                settings.device)
         return cls()
 
     def context_for(self, options: MotionOptions) -> tuple[float, float]:
