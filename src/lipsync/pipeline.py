@@ -321,7 +321,7 @@ class LipSyncPipeline:
             clip = self.load_audio(audio)
         with timer.stage("precompute"):
             av, hit = self.resolve_avatar(avatar)
-        log.info("avatar %s: %s", av.id[:12], "from the cache" if hit else "detected, aligned and cached")
+        log.info("avatar %s: %s", av.id, "from the cache" if hit else "detected, aligned and cached")
         opts = options if options is not None else self.motion_options(**overrides)
         return clip, av, hit, opts
 

@@ -1,6 +1,7 @@
 """The ``lipsync`` command line as a user runs it."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -199,6 +200,8 @@ def test_verbose_logs_each_stage_before_or_after_the_command(tmp_path, before):
     assert proc.returncode == 0, proc.stderr
     for needle in ("INFO lipsync.pipeline: avatar ", "audio: 10.2", "conditioning (", "wrote ", "'motion':"):
         assert needle in proc.stderr, (needle, proc.stderr)
+    # the whole id, so that what the log shows works as --avatar
+    assert re.search(r"avatar [0-9a-f]{64}: ", proc.stderr), proc.stderr
 
 
 @pytest.mark.parametrize("where,needle", [
