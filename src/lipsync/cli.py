@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from .errors import ConfigError, LipsyncError
+from .errors import ConfigError, InvalidInput, LipsyncError
 from .options import EncoderOptions, MotionOptions, field_spec, option_names
 
 EXIT_INPUT = 1  # the input was refused
@@ -49,17 +49,16 @@ def _settings(**overrides: Any):
 
 
 def _check_file(path, what: str, *, id_hint: bool = False) -> None:
-    """One error line unless ``path`` is a readable regular file: missing, a directory and a
-    device or pipe are told apart (``/dev/null`` is not "not found")."""
-    p = Path(path)
-    if not p.exists():
+    """One error line unless ``path`` is a regular file (``io.source.regular_file`` says what is
+    wrong), checked before any model loads."""
+    from .io.source import regular_file
+
+    try:
+        regular_file(path, what)
+    except InvalidInput as e:
         hint = (" (nor an avatar id: the 64 hex characters `lipsync precompute` prints)"
-                if id_hint else "")
-        _fail(f"{what} not found: {path}{hint}")
-    if p.is_dir():
-        _fail(f"{what} expected, got a directory: {path}")
-    if not p.is_file():
-        _fail(f"{what} expected, got a device, pipe or socket: {path}")
+                if id_hint and not os.path.lexists(path) else "")
+        _fail(e.message + hint)
 
 
 def _run(fn):

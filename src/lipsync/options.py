@@ -10,6 +10,7 @@ defaults, limits and descriptions from these fields through ``field_spec``.
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -124,21 +125,22 @@ _LIMIT_ERRORS = frozenset({"greater_than_equal", "less_than_equal", "greater_tha
                            "multiple_of", "finite_number"})
 
 
-def limits_message(name: str, error_type: str) -> str | None:
-    """``"must be 64..1024, even"`` for a value of option ``name`` (a ``MotionOptions`` or
-    ``EncoderOptions`` field) that failed one of its limits (pydantic ``error_type``), or None.
+def option_error_text(name: str, error: Mapping[str, Any]) -> str:
+    """What to tell the user about option ``name`` whose value failed ``error`` (one entry of a
+    pydantic ``ValidationError.errors()``).
 
-    pydantic reports the first limit it checks, so 10**20 for ``size`` read "should be a multiple
-    of 2" and NaN for a scale "should be less than or equal to 3"; the whole range says what to
-    send instead.
+    A value outside the option's limits (a ``MotionOptions`` or ``EncoderOptions`` field) gets
+    the whole range, e.g. ``"must be 64..1024, even"``: pydantic reports only the first limit it
+    checks, so 10**20 for ``size`` read "should be a multiple of 2" and NaN for a scale "should
+    be less than or equal to 3". Anything else keeps pydantic's own message.
     """
-    if error_type not in _LIMIT_ERRORS:
-        return None
-    for model in (MotionOptions, EncoderOptions):
-        if name in model.__pydantic_fields__:  # type: ignore[attr-defined]
-            text = field_spec(model, name).range_text()
-            return f"must be {text}" if text else None
-    return None
+    if error.get("type") in _LIMIT_ERRORS:
+        for model in (MotionOptions, EncoderOptions):
+            if name in model.__pydantic_fields__:  # type: ignore[attr-defined]
+                text = field_spec(model, name).range_text()
+                if text:
+                    return f"must be {text}"
+    return str(error.get("msg", "invalid value"))
 
 
 def option_names(model: type) -> tuple[str, ...]:

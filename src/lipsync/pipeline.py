@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from .errors import AvatarNotFound, InvalidInput, JobTimeout, OutputNotWritable
 from .fsutil import atomic_write
-from .options import MotionOptions, limits_message, option_names
+from .options import MotionOptions, option_error_text, option_names
 from .settings import Settings, settings_error
 from .types import AudioClip, Avatar, AvatarId, Frames, GenerateResult, StageTimes
 
@@ -235,8 +235,7 @@ class LipSyncPipeline:
         except ValidationError as e:
             err = e.errors()[0]
             name = str(err["loc"][0]) if err.get("loc") else "options"
-            why = limits_message(name, str(err.get("type", ""))) or err.get("msg", "invalid value")
-            raise InvalidInput(f"{name}: {why}", field=name) from None
+            raise InvalidInput(f"{name}: {option_error_text(name, err)}", field=name) from None
 
     # ------------------------------------------------------------------ audio
     def load_audio(self, audio: AudioSource | AudioClip) -> AudioClip:
@@ -259,14 +258,8 @@ class LipSyncPipeline:
             return clip
         done = condition(clip.samples, clip.sample_rate, mode=mode)
         if log.isEnabledFor(logging.INFO):
-            r = done.report
-            fixed = [f"DC offset {r.dc_offset:+.3f} removed" if r.dc_offset else "",
-                     f"high-pass {r.highpass_hz:.0f} Hz" if r.highpass_hz else "",
-                     f"{r.hum_hz:.2f} Hz hum removed ({len(r.hum_harmonics)} lines)" if r.hum_hz else "",
-                     f"denoised (speech/noise {r.snr_db:.1f} dB)" if r.denoised else "",
-                     f"gain {r.gain_db:+.1f} dB" if r.gain_db else ""]
             log.info("audio: %.2f s, %.2f s of it speech; conditioning (%s): %s", clip.duration,
-                     r.speech_seconds, mode, ", ".join(f for f in fixed if f) or "nothing to repair")
+                     done.report.speech_seconds, mode, done.report.summary())
         return AudioClip(samples=done.samples, sample_rate=clip.sample_rate, speech=done.speech)
 
     # ------------------------------------------------------------------ generation
@@ -279,6 +272,7 @@ class LipSyncPipeline:
         if options.seed is None:  # same input -> same blinks and head motion
             digest = hashlib.sha256(clip.samples.tobytes()).digest()
             options = replace(options, seed=int.from_bytes(digest[:4], "little"))
+
         def check_deadline() -> None:
             if deadline is not None and time.monotonic() > deadline:
                 raise JobTimeout(f"generation took longer than the {self.settings.request_timeout_s:g} s limit")

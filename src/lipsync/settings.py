@@ -23,7 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
-from .options import EncoderOptions, MotionOptions, limits_message, option_names
+from .options import EncoderOptions, MotionOptions, option_error_text, option_names
 
 ENV_PREFIX = "LIPSYNC_"
 #: Nested option groups whose fields are set by flat names (``size``, ``LIPSYNC_SIZE``).
@@ -149,8 +149,7 @@ def settings_error(exc: ValidationError) -> ConfigError:
         shown = env_var(name)
         if "input" in err and not isinstance(err["input"], (dict, list)) and err.get("type") != "missing":
             shown += f"={err['input']}"
-        why = limits_message(name, str(err.get("type", ""))) or err.get("msg", "invalid value")
-        problems.append(f"{name} ({shown}): {why}")
+        problems.append(f"{name} ({shown}): {option_error_text(name, err)}")
     return ConfigError("invalid setting " + "; ".join(problems), setting=names[0] if names else None,
                        variable=env_var(names[0]) if names else None)
 

@@ -270,6 +270,13 @@ def test_as_needed_still_repairs_faults(reference):
     assert _line_dbfs(out.samples.astype(np.float64), 50.0) < -60.0
 
 
+def test_report_summary_names_what_was_repaired(reference):
+    """The one-line summary ``-v`` logs: each repair that ran, or that there was nothing to do."""
+    assert condition(CLEAN.astype(np.float32), SR, mode="as_needed").report.summary() == "nothing to repair"
+    text = condition(_degrade(["dc", "hum50"], reference.speech), SR, mode="as_needed").report.summary()
+    assert "DC offset" in text and "high-pass 70 Hz" in text and "50.0" in text and "hum removed" in text, text
+
+
 def test_digital_silence_and_tiny_clips():
     out = condition(np.zeros(3 * SR, np.float32), SR)
     assert not out.speech.any() and out.report.gain_db == 0.0 and np.all(out.samples == 0)

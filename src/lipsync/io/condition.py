@@ -162,6 +162,16 @@ class ConditionReport:
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
+    def summary(self) -> str:
+        """What was repaired, in words for a log line ("DC offset -0.099 removed, high-pass 70 Hz,
+        gain +14.8 dB"), or "nothing to repair"."""
+        done = [f"DC offset {self.dc_offset:+.3f} removed" if self.dc_offset else "",
+                f"high-pass {self.highpass_hz:.0f} Hz" if self.highpass_hz else "",
+                f"{self.hum_hz:.2f} Hz hum removed ({len(self.hum_harmonics)} lines)" if self.hum_hz else "",
+                f"denoised (speech/noise {self.snr_db:.1f} dB)" if self.denoised else "",
+                f"gain {self.gain_db:+.1f} dB" if self.gain_db else ""]
+        return ", ".join(d for d in done if d) or "nothing to repair"
+
 
 @dataclass(frozen=True)
 class ConditionedAudio:

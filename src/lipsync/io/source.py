@@ -30,6 +30,23 @@ def human_bytes(n: int) -> str:
     return f"{n} bytes"
 
 
+def regular_file(path: str | os.PathLike, what: str) -> os.stat_result:
+    """``os.stat`` of ``path``, or ``InvalidInput`` saying what is wrong with it: missing, a
+    directory, a device, pipe or socket (``/dev/null`` is not "not found"), or unreadable."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InvalidInput(f"{what} not found: {path}", path=str(path)) from None
+    except OSError as e:
+        raise InvalidInput(f"cannot read {what} {path}: {e.strerror}", path=str(path)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidInput(f"{what} expected, got a directory, not a regular file: {path}", path=str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInput(f"{what} expected, got a device, pipe or socket, not a regular file: {path}",
+                           path=str(path))
+    return st
+
+
 @contextmanager
 def open_source(source: Source, *, max_bytes: int | None, what: str) -> Iterator[tuple[BinaryIO, int]]:
     """A seekable binary stream over ``source`` and its size in bytes.
@@ -46,14 +63,7 @@ def open_source(source: Source, *, max_bytes: int | None, what: str) -> Iterator
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected bytes or a path, got {type(source).__name__}")
     path = os.fspath(source)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InvalidInput(f"{what} not found: {path}", path=str(path)) from None
-    except OSError as e:
-        raise InvalidInput(f"cannot read {what} {path}: {e.strerror}", path=str(path)) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidInput(f"{what} {path} is not a regular file", path=str(path))
+    st = regular_file(path, what)
     if max_bytes is not None and st.st_size > max_bytes:
         raise _too_large(what, st.st_size, max_bytes)
     try:

@@ -35,7 +35,7 @@ from ..errors import (
     ShuttingDown,
     UnsupportedMedia,
 )
-from ..options import limits_message
+from ..options import option_error_text
 
 log = logging.getLogger("lipsync.server")
 
@@ -175,11 +175,10 @@ def _validation_summary(errors: list[dict]) -> tuple[str, list[dict]]:
     items = []
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
-        why = limits_message(loc[-1], str(err.get("type", ""))) if loc else None
         items.append(
             {
                 "field": ".".join(loc) or None,
-                "message": why or str(err.get("msg", "invalid")),
+                "message": option_error_text(loc[-1], err) if loc else str(err.get("msg", "invalid")),
                 "type": str(err.get("type", "")),
             }
         )

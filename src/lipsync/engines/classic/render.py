@@ -261,7 +261,6 @@ class FaceRenderer:
         if blink < 0.02 and abs(brow) < 0.02:
             return None
         r = self.rig
-        _ex0, _ey0, _ex1, _ey1 = self._eye
         sample = self._eye_grid.copy()
         if abs(brow) >= 0.02:
             sample += self._brow * float(brow)

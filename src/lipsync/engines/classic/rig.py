@@ -360,7 +360,7 @@ def _corner_field(st, origin, ex, ey, iod, hw_out, anchors, pix_st, shape, *, in
         return -inward * s  # corners (|s| = hw) move by inward * hw towards the centre
 
     for idx in range(48, 68):
-        s, _t = st[idx]
+        s = st[idx, 0]
         frac = min(1.0, abs(s) / hw_out)
         dy = 0.0
         if idx in (49, 50, 51, 52, 53):
