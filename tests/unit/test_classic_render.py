@@ -112,6 +112,39 @@ def test_opening_jaw_moves_the_chin_not_the_neck_or_clothes(renderer, avatar):
     assert diff[int(cy - 0.15 * iod): int(cy + 0.1 * iod), cols].mean() > 5
 
 
+def test_closing_a_smile_stretches_the_skin_under_the_chin_at_most_1_5x(renderer, avatar):
+    """Closing a mouth that is open at rest lifts the chin, uncovering skin the unmoved neck has
+    to fill. With a fade as short as the jaw's, the bundled portrait's skin under the chin was
+    stretched 7.7x and a wider smile (obama.jpg, rest gap 0.23 iod) folded over: a band of
+    mirrored, streaked skin under every closed mouth. The fade now grows with the rise
+    (rig.NECK_RISE_FEATHER); the clothes still stay put."""
+    from lipsync.engines.classic.rig import BASES
+
+    rig = renderer.rig
+    assert rig.rest_gap > 0.1, "the test needs a portrait whose mouth is open at rest"
+    h, w = rig.grid.shape[:2]
+    x0, y0 = int(rig.roi[0]), int(rig.roi[1])
+    lm = np.asarray(avatar.landmarks, np.float64)
+    cx, cy = lm[8]
+    cols = slice(int(cx - 0.5 * rig.iod) - x0, int(cx + 0.5 * rig.iod) - x0)
+    field_y = rig.fields[BASES.index("close")].reshape(h, w, 2)[..., 1]
+    for c in (0.5, 1.0):
+        # rows of the output from 0.3 iod above the chin down: where each samples the portrait
+        sample_y = np.arange(h)[:, None] + c * field_y
+        step = np.diff(sample_y, axis=0)[int(cy - y0 - 0.3 * rig.iod):, cols]
+        assert step.min() > 1 / 1.75, f"close={c}: skin under the chin stretched {1 / step.min():.1f}x"
+    from lipsync.engines.classic.render import _OPEN_GAIN
+
+    # jaw at the rest gap: the portrait's own mouth (no closing); jaw 0: lips shut
+    rest = _rgb(_render(renderer, jaw=rig.rest_gap / _OPEN_GAIN)).astype(np.int16)
+    shut = _rgb(_render(renderer, jaw=0.0)).astype(np.int16)
+    diff = np.abs(shut - rest).max(axis=2)
+    below = int(np.ceil(cy + 0.3 * rig.iod))
+    cols = slice(int(cx - 0.6 * rig.iod), int(cx + 0.6 * rig.iod))
+    assert diff[int(cy - 0.2 * rig.iod): int(cy), cols].mean() > 3, "the chin did not rise"
+    assert diff[below:, cols].max() <= 2, "the neck / clothes moved"
+
+
 def test_patch_cache_returns_what_a_fresh_render_would(renderer, avatar):
     jaw = np.linspace(0, 1, 12, dtype=np.float32)
     args = (jaw, np.sin(jaw * 5).astype(np.float32), np.zeros(12, np.float32),

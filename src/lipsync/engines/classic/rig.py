@@ -32,7 +32,7 @@ from scipy.interpolate import PchipInterpolator, RBFInterpolator
 from ...fsutil import atomic_write
 from ...types import Avatar
 
-RIG_VERSION = "5"  # 5: the neck and clothes below the jaw line stay put
+RIG_VERSION = "6"  # 5: the neck and clothes below the jaw line stay put; 6: a rising chin stretches the skin under it at most 1.5x
 
 # Motion basis amplitudes, in inter-ocular distances (iod). At jaw=1 the inner-lip gap grows by
 # JAW_LOWER + JAW_UPPER = 0.37 iod, a wide "AA"; ordinary speech uses a third to a half of that.
@@ -45,6 +45,11 @@ CHIN_GAIN = 1.08  # the chin is further from the jaw hinge than the lower lip
 # motion fades out over NECK_FEATHER (iod), ending NECK_MARGIN (iod) below the line.
 NECK_MARGIN = 0.06
 NECK_FEATHER = 0.15
+# A chin that RISES (closing a mouth open at rest) uncovers skin that the unmoved neck must fill:
+# its fade is at least NECK_RISE_FEATHER times the rise. The fade is a smoothstep, steepest at
+# 1.5 / feather, so the skin under the chin is stretched by at most 1 / (1 - 1.5 / 4.5) = 1.5x
+# (with the 0.15 iod fade alone, a smile with a 0.23 iod rest gap folded over: mirrored skin).
+NECK_RISE_FEATHER = 4.5
 ROUND_IN = 0.24  # rounded vowels pull each corner in by this fraction of the half-width
 ROUND_PROTRUDE = 0.025  # ... and thicken the lips (iod)
 SPREAD_OUT = 0.10  # spread vowels pull the corners out by this fraction of the half-width
@@ -265,7 +270,9 @@ def build_mouth_rig(image: np.ndarray, landmarks: np.ndarray) -> MouthRig:
         # below the moved jaw line: still (a backward field, so "below" is where the line went)
         moved = np.array([st[i] + (0.0, chin_d * f) for i, f in falloff.items()])
         line = _curve(moved, s)  # smooth (PCHIP) through the moved contour, flat beyond its ends
-        field_st *= _smoothstep((line + NECK_MARGIN * iod - t) / (NECK_FEATHER * iod))[:, None]
+        feather = max(NECK_FEATHER * iod, NECK_RISE_FEATHER * max(0.0, -chin_d))
+        start = line + (NECK_MARGIN - NECK_FEATHER) * iod  # the fade starts here whatever its length
+        field_st *= _smoothstep((start + feather - t) / feather)[:, None]
         return _face_to_pixels(field_st, ex, ey)
 
     # jaw opening
