@@ -145,6 +145,66 @@ def test_closing_a_smile_stretches_the_skin_under_the_chin_at_most_1_5x(renderer
     assert diff[below:, cols].max() <= 2, "the neck / clothes moved"
 
 
+def _close_samples(rig):
+    """Face coordinates (s, t) of every lower-face pixel and of where the fully closing basis
+    samples the portrait for it (``close`` weight 1)."""
+    from lipsync.engines.classic.rig import BASES
+
+    pts = rig.grid.reshape(-1, 2).astype(np.float64)
+    moved = pts + rig.fields[BASES.index("close")].reshape(-1, 2)
+    face = lambda p: np.stack([(p - rig.origin) @ rig.axes[0], (p - rig.origin) @ rig.axes[1]], -1)
+    return face(pts), face(moved)
+
+
+def test_closing_a_smile_seals_the_lips_and_stretches_the_philtrum_evenly(renderer, avatar):
+    """Closing a mouth that is open at rest (the bundled portrait smiles with its teeth):
+    - the seam shows the inside of both lips, CLOSE_OVERLAP past their inner edges (sampled right
+      at the edges, obama.jpg's closed mouth showed a dotted line of teeth);
+    - the skin between the still nose and the lowered upper lip stretches evenly, at most 2x
+      (the old field held a 6x band just under the nose there, which sampled the nose tip a
+      second time: a ghost nose under every closed mouth)."""
+    from lipsync.engines.classic.rig import CLOSE_OVERLAP
+
+    rig = renderer.rig
+    assert rig.rest_gap > 0.1, "the test needs a portrait whose mouth is open at rest"
+    (s, t), (_, t_src) = (a.T for a in _close_samples(rig))
+    up0 = float(np.interp(0.0, rig.s_dense, rig.up_rest))
+    lo0 = float(np.interp(0.0, rig.s_dense, rig.lo_rest))
+    mid = up0 + 0.4 * (lo0 - up0)
+    ov = CLOSE_OVERLAP * rig.iod
+    centre = np.abs(s) < 1.0
+    above = centre & (t < mid) & (t > mid - 3)
+    below = centre & (t >= mid) & (t < mid + 3)
+    assert above.any() and below.any()
+    assert t_src[above].max() <= up0 - 0.5 * ov, "the seam samples the upper lip's inner edge"
+    assert t_src[below].min() >= lo0 + 0.5 * ov, "the seam samples the lower lip's inner edge"
+    # the philtrum: the centre column from the nose (landmark 33) to the top of the upper lip
+    lm = np.asarray(avatar.landmarks, np.float64)
+    t_nose = float((lm[33] - rig.origin) @ rig.axes[1])
+    t_lip = float((lm[51] - rig.origin) @ rig.axes[1])
+    col = centre & (t > t_nose) & (t < t_lip)
+    bins = np.floor((t[col] - t_nose) / 2.0).astype(int)  # 2-pixel bins along the column
+    tt = np.array([t[col][bins == b].mean() for b in np.unique(bins)])
+    ts = np.array([t_src[col][bins == b].mean() for b in np.unique(bins)])
+    step = np.diff(ts) / np.diff(tt)
+    assert step.min() > 0.5, f"skin under the nose stretched {1 / max(step.min(), 1e-6):.1f}x"
+
+
+def test_a_sealing_smile_still_draws_small_openings_as_asked(renderer):
+    """The seal (lips CLOSE_OVERLAP past each other when shut) must not swallow small openings:
+    from SEAL_GAP up, the inner-lip gap drawn at the centre is the one the jaw asks for."""
+    from lipsync.engines.classic.render import _OPEN_GAIN, SEAL_GAP
+
+    r = renderer.rig
+    for g in (SEAL_GAP, 0.03, 0.06, 0.5 * r.rest_gap, 0.9 * r.rest_gap):
+        coeffs = renderer.coefficients(g / _OPEN_GAIN, 0.0, 0.0)
+        s, up, lo = renderer._lip_curves(coeffs)
+        drawn = float(np.interp(0.0, s, lo - up)) / r.iod
+        assert abs(drawn - g) < 2e-3, (g, drawn)
+    s, up, lo = renderer._lip_curves(renderer.coefficients(0.0, 0.0, 0.0))
+    assert float(np.interp(0.0, s, lo - up)) < 0, "shut lips overlap"
+
+
 def test_patch_cache_returns_what_a_fresh_render_would(renderer, avatar):
     jaw = np.linspace(0, 1, 12, dtype=np.float32)
     args = (jaw, np.sin(jaw * 5).astype(np.float32), np.zeros(12, np.float32),
@@ -572,7 +632,8 @@ def test_render_runs_cv2_single_threaded_and_restores_the_setting(renderer, monk
 def test_batch_coefficients_equal_the_per_frame_formula(renderer):
     """The renderer computes all frames' basis weights at once; they must be the per-frame
     formula's to the bit (they are the patch cache's keys), with no negative zeros."""
-    from lipsync.engines.classic.render import _OPEN_GAIN
+    from lipsync.engines.classic.render import _OPEN_GAIN, SEAL_GAP
+    from lipsync.engines.classic.rig import close_overlap
 
     rng = np.random.default_rng(3)
     n = 400
@@ -587,7 +648,11 @@ def test_batch_coefficients_equal_the_per_frame_formula(renderer):
         lb = float(np.clip(lab[i], 0.0, 1.0)) * (1.0 - c)
         opening = max(0.0, float(jaw[i])) * (1.0 - c) * (1.0 - lb)
         gap = opening * _OPEN_GAIN
-        c_jaw, c_close = ((gap - r.rest_gap) / _OPEN_GAIN, 0.0) if gap >= r.rest_gap else (0.0, (r.rest_gap - gap) / r.rest_gap)
+        ov = float(close_overlap(r.rest_gap * r.iod, r.iod)) / r.iod  # the seal, iod
+        g0 = min(SEAL_GAP, 0.5 * r.rest_gap)
+        c0 = (r.rest_gap - g0) / (r.rest_gap + 2.0 * ov)
+        sealing = c0 + (1.0 - c0) * (1.0 - gap / g0) if gap < g0 else (r.rest_gap - gap) / (r.rest_gap + 2.0 * ov)
+        c_jaw, c_close = ((gap - r.rest_gap) / _OPEN_GAIN, 0.0) if gap >= r.rest_gap else (0.0, sealing)
         lift = max(lb, float(np.clip(teeth[i], 0.0, 1.0)) * min(1.0, opening / 0.15))
         want = np.array([c_jaw, c_close, max(0.0, float(rnd[i])), max(0.0, -float(rnd[i])), lift, lb], np.float32)
         assert got[i].tobytes() == want.tobytes(), (i, got[i], want)

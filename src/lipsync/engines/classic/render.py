@@ -23,9 +23,13 @@ from .rig import (
     SPREAD_OUT,
     TUCK_LOWER,
     MouthRig,
+    close_overlap,
 )
 
 _OPEN_GAIN = JAW_LOWER + JAW_UPPER  # inner-lip gap (iod) added at jaw = 1
+#: Inner-lip gap (iod) under which a mouth open at rest seals (its lips overlap): about a pixel at
+#: 512 px, so small openings still show as drawn.
+SEAL_GAP = 0.01
 
 # OpenCV's own worker threads cost more than they gain on patches this small (a 270x214 remap is
 # split into tasks of a few thousand pixels) and they fight the background H.264 encoder for the
@@ -89,6 +93,7 @@ class FaceRenderer:
         # ambient occlusion under the upper lip; the portrait's own teeth carry their shadow
         self._ao_depth = np.float32(0.2 if r.own_teeth else 0.3)
         self._rest_gap_px = np.maximum(r.lo_rest - r.up_rest, 0.0)
+        self._overlap_px = close_overlap(self._rest_gap_px, r.iod)
         self._rest_gap_max = float(self._rest_gap_px.max())
         s = r.s_dense
         hw = r.half_width_inner
@@ -136,7 +141,15 @@ class FaceRenderer:
         wide = gap >= r.rest_gap
         c_jaw = np.where(wide, (gap - r.rest_gap) / _OPEN_GAIN, 0.0)
         if r.rest_gap > 1e-4:
-            c_close = np.where(wide, 0.0, (r.rest_gap - gap) / r.rest_gap)
+            # The close basis ends CLOSE_OVERLAP past the meeting line (see rig.close_overlap),
+            # so that a gap g shows as g, c_close = (rest - g) / (rest + 2 overlap), down to
+            # SEAL_GAP; under it c_close runs on to 1, where the lips seal.
+            ov = float(close_overlap(r.rest_gap * r.iod, r.iod)) / r.iod
+            g0 = min(SEAL_GAP, 0.5 * r.rest_gap)
+            c0 = (r.rest_gap - g0) / (r.rest_gap + 2.0 * ov)
+            c_lin = (r.rest_gap - gap) / (r.rest_gap + 2.0 * ov)
+            c_seal = c0 + (1.0 - c0) * (1.0 - gap / g0)
+            c_close = np.where(wide, 0.0, np.where(gap >= g0, c_lin, c_seal))
         else:
             c_close = np.zeros_like(gap)
         c_round = np.maximum(0.0, f64(lip_round))
@@ -163,8 +176,10 @@ class FaceRenderer:
     def _lip_curves(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         r = self.rig
         c_jaw, c_close, c_round, c_spread, c_lift, c_tuck = (float(c) for c in coeffs)
-        up = r.up_rest + c_jaw * self._jaw_up + c_close * 0.4 * self._rest_gap_px + c_lift * self._lift_up
-        lo = r.lo_rest + c_jaw * self._jaw_lo - c_close * 0.6 * self._rest_gap_px + c_tuck * self._tuck_lo
+        up = (r.up_rest + c_jaw * self._jaw_up + c_close * (0.4 * self._rest_gap_px + self._overlap_px)
+              + c_lift * self._lift_up)
+        lo = (r.lo_rest + c_jaw * self._jaw_lo - c_close * (0.6 * self._rest_gap_px + self._overlap_px)
+              + c_tuck * self._tuck_lo)
         s = r.s_dense * (1.0 - ROUND_IN * c_round + SPREAD_OUT * c_spread)
         return s, up, lo
 

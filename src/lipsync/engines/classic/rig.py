@@ -32,7 +32,8 @@ from scipy.interpolate import PchipInterpolator, RBFInterpolator
 from ...fsutil import atomic_write
 from ...types import Avatar
 
-RIG_VERSION = "6"  # 5: the neck and clothes below the jaw line stay put; 6: a rising chin stretches the skin under it at most 1.5x
+RIG_VERSION = "7"  # 5: neck and clothes stay put; 6: a rising chin stretches the skin under it at most 1.5x;
+# 7: a closing smile seals its lips (CLOSE_OVERLAP) and stretches the philtrum evenly
 
 # Motion basis amplitudes, in inter-ocular distances (iod). At jaw=1 the inner-lip gap grows by
 # JAW_LOWER + JAW_UPPER = 0.37 iod, a wide "AA"; ordinary speech uses a third to a half of that.
@@ -57,6 +58,20 @@ SPREAD_LIFT = 0.015  # ... and up a little (iod)
 BROW_LIFT = 0.07  # brow raise at brow=1 (iod)
 LIFT_UPPER = 0.06  # "lift" basis: the upper lip rises off the upper teeth by this much (iod)
 TUCK_LOWER = 0.02  # "tuck" basis: the lower lip rises and tucks under the upper teeth (F/V)
+
+# Closing a mouth that is open at rest brings each lip CLOSE_OVERLAP (iod) past the line where
+# they meet, so that the seam shows the inside of both lips rather than their inner edges, where
+# the portrait's teeth (or the dark of its open mouth) begin: landmarks place those edges only
+# to a pixel or two, and a seam sampled right at them showed a dotted line of teeth.
+CLOSE_OVERLAP = 0.025
+
+
+def close_overlap(rest_gap: np.ndarray, iod: float) -> np.ndarray:
+    """How far (pixels) each lip goes past the meeting line when the mouth closes fully, for the
+    rest gap ``rest_gap`` (pixels, any shape): CLOSE_OVERLAP iod where the lips are apart at rest,
+    fading to 0 where they already touch (a gap under 0.02 iod)."""
+    return CLOSE_OVERLAP * iod * _smoothstep(np.asarray(rest_gap, np.float64) / (0.02 * iod))
+
 
 # Basis order in ``MouthRig.fields``.
 BASES = ("jaw", "close", "round", "spread", "lift", "tuck")
@@ -207,20 +222,30 @@ def build_mouth_rig(image: np.ndarray, landmarks: np.ndarray) -> MouthRig:
     def prof(s: np.ndarray) -> np.ndarray:
         return np.sqrt(np.clip(1.0 - (s / hw_in) ** 2, 0.0, 1.0))
 
-    def lip_field(upper_d, lower_d, chin_d, corner_d):
+    def lip_field(upper_d, lower_d, chin_d, corner_d, inner=True):
         """Backward field for a vertical lip motion (pixels along ey per unit of the basis).
 
         upper_d(s) / lower_d(s): displacement of the upper / lower lip at s (down positive).
         chin_d: displacement of the chin (landmark 8); the jaw line follows with falloff.
+        inner: the inner-lip landmarks carry the lip motion too. Off for closing, where the two
+        lips' inner targets meet within a pixel with opposite values and the thin-plate field
+        overshoots around them (the rigid plateaus carry the lips there).
         """
         ctrl, disp = [], []
         # lips: outer and inner contours carry the lip displacement
-        for idx in (49, 50, 51, 52, 53, 61, 62, 63):
+        for idx in (49, 50, 51, 52, 53, 61, 62, 63)[: None if inner else 5]:
             ctrl.append(st[idx]); disp.append((0.0, upper_d(st[idx, 0])))
-        for idx in (55, 56, 57, 58, 59, 65, 66, 67):
+        for idx in (55, 56, 57, 58, 59, 65, 66, 67)[: None if inner else 5]:
             ctrl.append(st[idx]); disp.append((0.0, lower_d(st[idx, 0])))
         for idx in (48, 54, 60, 64):
             ctrl.append(st[idx]); disp.append((0.0, corner_d))
+        if not inner:
+            # the philtrum between the still nose and the upper lip stretches evenly (the thin-plate
+            # field alone kept it still near the nose and stretched it 5x just above the lip)
+            for lip, nose in ((49, 31), (50, 32), (51, 33), (52, 34), (53, 35)):
+                for k in (1 / 3, 2 / 3):
+                    ctrl.append(st[nose] + k * (st[lip] - st[nose]))
+                    disp.append((0.0, k * upper_d(st[lip, 0])))
         # jaw line: the chin moves most, the jaw angles barely
         falloff = {3: 0.12, 4: 0.32, 5: 0.55, 6: 0.8, 7: 0.95, 8: 1.0, 9: 0.95, 10: 0.8, 11: 0.55,
                    12: 0.32, 13: 0.12}
@@ -253,20 +278,35 @@ def build_mouth_rig(image: np.ndarray, landmarks: np.ndarray) -> MouthRig:
         inside = np.abs(s) < hw_in
         # where the lips meet when a mouth that is open at rest closes (see f_close)
         mid = np.interp(s, s_dense, up_rest + 0.4 * (lo_rest - up_rest))
-        top = np.interp(s, s_dense, _curve(st[[48, 49, 50, 51, 52, 53, 54]], s_dense)) - abs(JAW_UPPER) * iod - 4
+        lip_top = np.interp(s, s_dense, _curve(st[[48, 49, 50, 51, 52, 53, 54]], s_dense))
+        top = lip_top - abs(JAW_UPPER) * iod - 4
         bot = np.interp(s, s_dense, _curve(st[[48, 59, 58, 57, 56, 55, 54]], s_dense)) + max(
             abs(lower_d(0.0)), 1.0) + 4
         upv = -_vec(upper_d, s)
         lov = -_vec(lower_d, s)
         # rigid right at the lips; blend into the smooth field over ~0.1 iod beyond them
         feather = max(3.0, 0.1 * iod)
-        w_up = inside * _smoothstep((t - top) / feather + 1.0) * (t < mid)
         w_lo = inside * _smoothstep((bot - t) / feather + 1.0) * (t >= mid)
         # fade the plateaus out towards the corners so they meet the smooth field there
         edge = _smoothstep((hw_in - np.abs(s)) / (0.15 * hw_in))
+        w_ph = np.zeros_like(t)
+        ph = np.zeros_like(t)
+        if float(np.max(-upv)) > 0.0:
+            # An upper lip that comes down (closing a smile): rigid from where its top goes (a
+            # backward field: its output position), and the skin between the still nose and
+            # there stretches evenly. A plateau reaching above the lip, as for a rising lip,
+            # sampled the nose tip a second time (a ghost nose under the nose), and the
+            # thin-plate field alone stretched the skin 5x just above the lip.
+            lip_out = lip_top - upv
+            nose = np.interp(s, s_dense, _curve(st[31:36], s_dense))
+            w_up = inside * (t >= lip_out) * (t < mid)
+            w_ph = inside * (t > nose) * (t < lip_out) * edge
+            ph = upv * np.clip((t - nose) / np.maximum(lip_out - nose, 1.0), 0.0, 1.0)
+        else:
+            w_up = inside * _smoothstep((t - top) / feather + 1.0) * (t < mid)
         w_up = w_up * edge
         w_lo = w_lo * edge
-        field_st[:, 1] = field_st[:, 1] * (1 - w_up - w_lo) + upv * w_up + lov * w_lo
+        field_st[:, 1] = field_st[:, 1] * (1 - w_up - w_lo - w_ph) + upv * w_up + lov * w_lo + ph * w_ph
         # below the moved jaw line: still (a backward field, so "below" is where the line went)
         moved = np.array([st[i] + (0.0, chin_d * f) for i, f in falloff.items()])
         line = _curve(moved, s)  # smooth (PCHIP) through the moved contour, flat beyond its ends
@@ -287,8 +327,9 @@ def build_mouth_rig(image: np.ndarray, landmarks: np.ndarray) -> MouthRig:
     # closing a mouth that is open at rest: lips meet at the midline, the jaw comes up with
     # the lower lip
     gap_at = lambda s: np.interp(s, s_dense, gap_rest_dense)
-    f_close = lip_field(lambda s: 0.4 * gap_at(s), lambda s: -0.6 * gap_at(s),
-                        -0.6 * rest_gap * iod, 0.0)
+    overlap = lambda s: close_overlap(gap_at(s), iod)
+    f_close = lip_field(lambda s: 0.4 * gap_at(s) + overlap(s), lambda s: -0.6 * gap_at(s) - overlap(s),
+                        -0.6 * rest_gap * iod, 0.0, inner=False)
 
     # rounding / spreading: corners move along ex, lips thicken or lift
     f_round = _corner_field(st, origin, ex, ey, iod, hw_out, anchors, pix_st, grid.shape[:2],
