@@ -205,6 +205,28 @@ def test_a_sealing_smile_still_draws_small_openings_as_asked(renderer):
     assert float(np.interp(0.0, s, lo - up)) < 0, "shut lips overlap"
 
 
+def test_a_wide_mouth_shows_a_dark_cavity_over_a_lighter_tongue(renderer, avatar):
+    """At a wide opening the inside of the mouth is dark (it gets little of the light on the
+    face) and the tongue below it lighter: before, cavity and tongue were one flat maroon band
+    (cavity 0.23 of the skin's luminance, the tongue 2.9x the cavity)."""
+    from lipsync.engines.classic.rig import JAW_LOWER
+
+    lm = np.asarray(avatar.landmarks, np.float64)
+    iod = renderer.rig.iod
+    rgb = _rgb(_render(renderer, jaw=1.0)).astype(np.float64)
+    luma = rgb @ np.array([0.299, 0.587, 0.114])
+    x = int(np.rint(lm[62, 0]))
+    column = luma[int(lm[62, 1]): int(lm[57, 1] + JAW_LOWER * iod), x - 1: x + 2].mean(axis=1)
+    skin = float(np.median(luma[int(lm[33, 1]) + 2: int(lm[51, 1]) - 2, x - 5: x + 6]))
+    k = int(np.argmin(column))
+    cavity = float(column[k])
+    assert cavity < 0.22 * skin, (cavity, skin)
+    below = column[k:]
+    stop = int(np.argmax(below > 150)) if (below > 150).any() else len(below)  # lower teeth / lip
+    tongue = float(below[:stop].max())
+    assert tongue > 3.5 * cavity, (tongue, cavity)
+
+
 def test_patch_cache_returns_what_a_fresh_render_would(renderer, avatar):
     jaw = np.linspace(0, 1, 12, dtype=np.float32)
     args = (jaw, np.sin(jaw * 5).astype(np.float32), np.zeros(12, np.float32),

@@ -32,8 +32,9 @@ from scipy.interpolate import PchipInterpolator, RBFInterpolator
 from ...fsutil import atomic_write
 from ...types import Avatar
 
-RIG_VERSION = "7"  # 5: neck and clothes stay put; 6: a rising chin stretches the skin under it at most 1.5x;
-# 7: a closing smile seals its lips (CLOSE_OVERLAP) and stretches the philtrum evenly
+RIG_VERSION = "8"  # 5: neck and clothes stay put; 6: a rising chin stretches the skin under it at most 1.5x;
+# 7: a closing smile seals its lips (CLOSE_OVERLAP) and stretches the philtrum evenly; 8: a darker
+# cavity over a lighter, rounded tongue
 
 # Motion basis amplitudes, in inter-ocular distances (iod). At jaw=1 the inner-lip gap grows by
 # JAW_LOWER + JAW_UPPER = 0.37 iod, a wide "AA"; ordinary speech uses a third to a half of that.
@@ -632,8 +633,8 @@ def _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_
     # Cavity: almost black-red at the back and the sides, a little warmer in the middle.
     depth = np.clip((t - up_at) / (0.3 * iod), 0, 1)
     radial = np.clip(sn ** 2 + (depth - 0.55) ** 2 * 1.5, 0, 1)
-    inner = np.array([70.0, 22.0, 26.0]) * light
-    outer = np.array([22.0, 6.0, 8.0]) * light
+    inner = np.array([48.0, 15.0, 18.0]) * light
+    outer = np.array([16.0, 5.0, 6.0]) * light
     cav = inner + (outer - inner) * _smoothstep(radial)[..., None]
     cav = cav * (1.0 - 0.35 * _smoothstep(1.0 - depth * 4))[..., None]  # shadow under the top teeth
 
@@ -645,9 +646,10 @@ def _interior_textures(image, lm, st, origin, ex, ey, iod, s_dense, up_rest, lo_
     teeth_colour *= TEETH_MAX_OF_EYE_WHITE * photo[0] / max(float(_luma(teeth_colour)), 1e-3)
 
     # Jaw layer: tongue (a soft, lighter red mound) and the lower teeth, both riding the jaw.
-    tongue_v = (t - (lo_at - 0.13 * iod)) / (0.12 * iod)
-    tongue_a = 0.85 * _smoothstep(tongue_v) * _smoothstep((0.8 - np.abs(sn)) / 0.35)
-    tongue_rgb = np.array([140.0, 58.0, 64.0]) * light * (0.6 + 0.4 * _smoothstep(tongue_v))[..., None]
+    # the tongue's top is rounded: highest in the middle, falling towards the corners
+    tongue_v = (t - (lo_at - (0.12 - 0.05 * sn ** 2) * iod)) / (0.07 * iod)
+    tongue_a = 0.9 * _smoothstep(tongue_v) * _smoothstep((0.8 - np.abs(sn)) / 0.35)
+    tongue_rgb = np.array([150.0, 68.0, 72.0]) * light * (0.55 + 0.45 * _smoothstep(tongue_v))[..., None]
     lower_v = (t - (lo_at - 0.05 * iod)) / (0.09 * iod)
     lower_teeth = _teeth_layer(s, 1.0 - lower_v, sn, iod, teeth_colour, 1.0, 0.85, seams=0.12, scale=0.7)
     la = lower_teeth[..., 3:4]
