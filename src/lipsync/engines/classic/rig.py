@@ -32,9 +32,9 @@ from scipy.interpolate import PchipInterpolator, RBFInterpolator
 from ...fsutil import atomic_write
 from ...types import Avatar
 
-RIG_VERSION = "8"  # 5: neck and clothes stay put; 6: a rising chin stretches the skin under it at most 1.5x;
+RIG_VERSION = "9"  # 5: neck and clothes stay put; 6: a rising chin stretches the skin under it at most 1.5x;
 # 7: a closing smile seals its lips (CLOSE_OVERLAP) and stretches the philtrum evenly; 8: a darker
-# cavity over a lighter, rounded tongue
+# cavity over a lighter, rounded tongue; 9: every basis places the upper lip and philtrum that way
 
 # Motion basis amplitudes, in inter-ocular distances (iod). At jaw=1 the inner-lip gap grows by
 # JAW_LOWER + JAW_UPPER = 0.37 iod, a wide "AA"; ordinary speech uses a third to a half of that.
@@ -280,33 +280,24 @@ def build_mouth_rig(image: np.ndarray, landmarks: np.ndarray) -> MouthRig:
         # where the lips meet when a mouth that is open at rest closes (see f_close)
         mid = np.interp(s, s_dense, up_rest + 0.4 * (lo_rest - up_rest))
         lip_top = np.interp(s, s_dense, _curve(st[[48, 49, 50, 51, 52, 53, 54]], s_dense))
-        top = lip_top - abs(JAW_UPPER) * iod - 4
         bot = np.interp(s, s_dense, _curve(st[[48, 59, 58, 57, 56, 55, 54]], s_dense)) + max(
             abs(lower_d(0.0)), 1.0) + 4
         upv = -_vec(upper_d, s)
         lov = -_vec(lower_d, s)
-        # rigid right at the lips; blend into the smooth field over ~0.1 iod beyond them
-        feather = max(3.0, 0.1 * iod)
-        w_lo = inside * _smoothstep((bot - t) / feather + 1.0) * (t >= mid)
         # fade the plateaus out towards the corners so they meet the smooth field there
         edge = _smoothstep((hw_in - np.abs(s)) / (0.15 * hw_in))
-        w_ph = np.zeros_like(t)
-        ph = np.zeros_like(t)
-        if float(np.max(-upv)) > 0.0:
-            # An upper lip that comes down (closing a smile): rigid from where its top goes (a
-            # backward field: its output position), and the skin between the still nose and
-            # there stretches evenly. A plateau reaching above the lip, as for a rising lip,
-            # sampled the nose tip a second time (a ghost nose under the nose), and the
-            # thin-plate field alone stretched the skin 5x just above the lip.
-            lip_out = lip_top - upv
-            nose = np.interp(s, s_dense, _curve(st[31:36], s_dense))
-            w_up = inside * (t >= lip_out) * (t < mid)
-            w_ph = inside * (t > nose) * (t < lip_out) * edge
-            ph = upv * np.clip((t - nose) / np.maximum(lip_out - nose, 1.0), 0.0, 1.0)
-        else:
-            w_up = inside * _smoothstep((t - top) / feather + 1.0) * (t < mid)
-        w_up = w_up * edge
-        w_lo = w_lo * edge
+        # The upper lip is rigid from where its top goes (a backward field: its output position),
+        # and the skin between the still nose and there stretches or shrinks evenly. A plateau
+        # reaching above the lip sampled the nose tip a second time when a smile's lip came down
+        # (a ghost nose under the nose), and the thin-plate field alone stretched that skin 5x.
+        lip_out = lip_top - upv
+        nose = np.interp(s, s_dense, _curve(st[31:36], s_dense))
+        w_up = inside * (t >= lip_out) * (t < mid) * edge
+        w_ph = inside * (t > nose) * (t < lip_out) * edge
+        ph = upv * np.clip((t - nose) / np.maximum(lip_out - nose, 1.0), 0.0, 1.0)
+        # the lower lip: rigid at the lip, blending into the smooth field over ~0.1 iod below it
+        feather = max(3.0, 0.1 * iod)
+        w_lo = inside * _smoothstep((bot - t) / feather + 1.0) * (t >= mid) * edge
         field_st[:, 1] = field_st[:, 1] * (1 - w_up - w_lo - w_ph) + upv * w_up + lov * w_lo + ph * w_ph
         # below the moved jaw line: still (a backward field, so "below" is where the line went)
         moved = np.array([st[i] + (0.0, chin_d * f) for i, f in falloff.items()])
