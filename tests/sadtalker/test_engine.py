@@ -88,15 +88,26 @@ class _RecordingRenderer:
 
     def __init__(self) -> None:
         self.windows: list[torch.Tensor] = []
+        self.formats: list[str] = []
 
-    def render(self, state, coeffs, *, context_before=0, context_after=0, paste=None):
+    def render_batches(self, state, coeffs, *, context_before=0, context_after=0, paste=None,
+                       output_size=None, pixel_format="rgb24"):
         count = coeffs.shape[0] - context_before - context_after
         assert count >= 0
         table = torch.from_numpy(np.ascontiguousarray(coeffs))
         self.windows.append(semantic_windows(table, context_before, count))
-        frames = np.zeros((count, self.size, self.size, 3), np.uint8)
-        frames[..., 0] = np.round(coeffs[context_before:context_before + count, :1, None]).astype(np.uint8)
-        return frames
+        self.formats.append(pixel_format)
+        side = output_size or self.size
+        index = np.round(coeffs[context_before:context_before + count, 0]).astype(np.uint8)
+        for start in range(0, count, self.batch_size):
+            part = index[start:start + self.batch_size]
+            if pixel_format == "yuv420p":
+                frames = np.zeros((len(part), side * 3 // 2, side), np.uint8)
+                frames[:, :side] = part[:, None, None]
+            else:
+                frames = np.zeros((len(part), side, side, 3), np.uint8)
+                frames[..., 0] = part[:, None, None]
+            yield frames
 
 
 class _ScriptedMotion:
@@ -129,7 +140,7 @@ def test_session_renders_every_frame_once_with_whole_clip_windows(sizes):
     total = sum(sizes)
     renderer = _RecordingRenderer()
     motion = _ScriptedMotion(total)
-    engine = SimpleNamespace(renderer=renderer, enhancer=None)
+    engine = SimpleNamespace(renderer=renderer, enhancer=None, device_type="cpu")
     options = MotionOptions(size=64)
     session = SadTalkerSession(engine, None, motion, options, total, None)
 
@@ -160,11 +171,28 @@ def test_session_applies_the_enhancer_hook():
         seen.append(frames.shape)
         return 255 - frames
 
-    engine = SimpleNamespace(renderer=renderer, enhancer=enhancer)
+    engine = SimpleNamespace(renderer=renderer, enhancer=enhancer, device_type="cuda")
     session = SadTalkerSession(engine, None, _ScriptedMotion(20), MotionOptions(size=64), 20, None)
     frames = session.render(_chunks([20])[0])
-    assert seen == [(20, 64, 64, 3)]
+    assert seen == [(4, 64, 64, 3)] * 5  # batch by batch, in RGB even on CUDA
+    assert renderer.formats == ["rgb24"]
+    assert frames.pixel_format == "rgb24"
     assert int(frames.data[3, 0, 0, 0]) == 255 - 3
+
+
+def test_session_hands_out_each_generator_batch_as_it_is_ready():
+    """render_iter yields per renderer batch (the encoder starts on the first) and asks for I420
+    on CUDA; the engine's timings cover the whole chunk."""
+    renderer = _RecordingRenderer()
+    engine = SimpleNamespace(renderer=renderer, enhancer=None, device_type="cuda")
+    session = SadTalkerSession(engine, None, _ScriptedMotion(30), MotionOptions(size=64), 30, None)
+    batches = list(session.render_iter(_chunks([30])[0]))
+    assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 4, 4, 2]
+    assert [b.first_index for b in batches] == list(range(0, 30, 4))
+    assert all(b.pixel_format == "yuv420p" and (b.width, b.height) == (64, 64) for b in batches)
+    luma = np.concatenate([b.data[:, 10, 10] for b in batches])
+    np.testing.assert_array_equal(luma, np.arange(30))
+    assert set(session.last_times) == {"motion", "render"}
 
 
 # --- real networks, random weights ------------------------------------------------------------

@@ -12,9 +12,10 @@ ends (``transform_semantic_target``); the source's is its own coefficients repea
 chunks gets exactly the windows a whole-clip render would use.
 
 Precision: the keypoint detector, mapping net and keypoint math always run in fp32; on CUDA with
-``fp16`` the generator's per-frame half runs in half precision, channels-last (upstream measured
-half precision on the generator >50 % faster, while half precision on the small coefficient
-networks flattened head and lip motion). On the CPU everything is fp32.
+``fp16`` the generator's per-frame half runs in half precision (upstream measured half precision
+on the generator >50 % faster, while half precision on the small coefficient networks flattened
+head and lip motion). On the CPU everything is fp32. ``to_runtime`` lists the speed switches and
+what each measured on an H200.
 
 ``make_paste_target`` / ``paste_frames`` / ``paste_back`` put rendered crops back into the
 original portrait ('full' output) with a feathered alpha blend computed on the renderer's device,
@@ -23,7 +24,11 @@ replacing upstream's per-frame ``cv2.seamlessClone``.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -178,6 +183,42 @@ def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).contiguous()
 
 
+#: BT.601 limited-range RGB -> Y'CbCr (ITU-R BT.601-7, table 3, for R'G'B' in [0, 1]): the matrix
+#: libswscale and ``cv2.COLOR_RGB2YUV_I420`` use and our encoder signals in the SPS.
+_BT601 = (
+    (65.481, 128.553, 24.966, 16.0),
+    (-37.797, -74.203, 112.0, 128.0),
+    (112.0, -93.786, -18.214, 128.0),
+)
+
+PixelFormat = Literal["rgb24", "yuv420p"]
+
+
+def frames_to_i420(frames: torch.Tensor) -> torch.Tensor:
+    """(b, 3, H, W) RGB in [0, 1] -> (b, H * 3 // 2, W) uint8 planar I420 on the same device.
+
+    BT.601 limited range (``_BT601``); each chroma sample is taken from the mean of its 2x2 RGB
+    block (``cv2.COLOR_RGB2YUV_I420`` takes the top-left pixel, which aliases at sharp edges).
+    Y matches cv2 to 1 level. Half as many bytes as rgb24 leave the device, and the encoder
+    skips its own conversion. Raises ValueError for odd sizes (4:2:0 needs even ones).
+    """
+    if frames.dim() != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames must be (b, 3, H, W), got {tuple(frames.shape)}")
+    b, _, h, w = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"4:2:0 needs an even frame size, got {w}x{h}")
+    rgb = frames.float()
+    m = torch.tensor([row[:3] for row in _BT601], dtype=torch.float32, device=frames.device)
+    offset = torch.tensor([row[3] for row in _BT601], dtype=torch.float32, device=frames.device)
+    y = torch.einsum("c,bchw->bhw", m[0], rgb).add_(offset[0])
+    mean = F.avg_pool2d(rgb, 2)  # (b, 3, h/2, w/2)
+    uv = torch.einsum("kc,bchw->bkhw", m[1:], mean).add_(offset[1:, None, None])
+    out = torch.empty((b, h * 3 // 2, w), dtype=torch.uint8, device=frames.device)
+    out[:, :h] = y.round_().clamp_(0, 255)
+    out[:, h:].view(b, 2, h * w // 4).copy_(uv.reshape(b, 2, -1).round_().clamp_(0, 255))
+    return out
+
+
 def paste_back(
     frames: np.ndarray | torch.Tensor,
     crop_box: tuple[float, float, float, float],
@@ -228,20 +269,39 @@ class FaceRenderer(nn.Module):
         *,
         size: int = 256,
         batch_size: int = 8,
+        upsample_slice: int | None = None,
     ) -> None:
         super().__init__()
         if size < 16 or size % 16:
             raise ValueError(f"renderer size must be a positive multiple of 16, got {size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if upsample_slice is not None and upsample_slice < 1:
+            raise ValueError(f"upsample_slice must be >= 1, got {upsample_slice}")
         self.kp_extractor = kp_extractor
         self.generator = generator
         self.mapping = mapping
         self.size = size
         self.batch_size = batch_size
+        self.generator.upsample_slice = upsample_slice
         self._folded = False
+        #: CUDA graphs of ``generate`` per (source state, batch size); see ``to_runtime``.
+        self.cuda_graphs = False
+        self._graphs: OrderedDict[tuple[int, int], _GraphedGenerate] = OrderedDict()
+        self._graph_lock = threading.Lock()
+        self._graph_pool = None
         self.eval()
         self.requires_grad_(False)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the decoder runs through ``torch.compile``."""
+        return hasattr(self.generator.decoder, "_orig_mod")
+
+    @property
+    def upsample_slice(self) -> int | None:
+        """Frames per pass through the decoder's upsampling blocks (None: the whole batch)."""
+        return self.generator.upsample_slice
 
     @classmethod
     def from_weights(
@@ -252,6 +312,9 @@ class FaceRenderer(nn.Module):
         device: torch.device | str = "cpu",
         fp16: bool = True,
         batch_size: int = 8,
+        upsample_slice: int | None = None,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
     ) -> FaceRenderer:
         """Build strictly from ``load_weights`` output (its ``kp_extractor``, ``generator``, ``mapping``)."""
         if size not in SIZES:
@@ -267,8 +330,9 @@ class FaceRenderer(nn.Module):
         load_strict(kp_extractor, weights["kp_extractor"], "kp_extractor")
         load_strict(generator, weights["generator"], "generator")
         load_strict(mapping, weights["mapping"], "mapping")
-        renderer = cls(kp_extractor, generator, mapping, size=size, batch_size=batch_size)
-        return renderer.to_runtime(device, fp16=fp16)
+        renderer = cls(kp_extractor, generator, mapping, size=size, batch_size=batch_size,
+                       upsample_slice=upsample_slice)
+        return renderer.to_runtime(device, fp16=fp16, cuda_graphs=cuda_graphs, compile=compile)
 
     def to_runtime(
         self,
@@ -277,16 +341,36 @@ class FaceRenderer(nn.Module):
         fp16: bool = True,
         frame_dtype: torch.dtype | None = None,
         channels_last: bool | None = None,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
     ) -> FaceRenderer:
         """Fold batch norms, move to ``device`` and pick the generator's per-frame precision and layout.
 
-        ``frame_dtype`` defaults to float16 on CUDA when ``fp16`` and float32 otherwise (tests
-        pass it explicitly to exercise the half-precision path on the CPU). ``channels_last``
-        defaults to on for CUDA.
+        Defaults follow what ``bench/bench_sadtalker.py`` measured on an H200 (512 px, fp16,
+        batch 8; README, *SadTalker on a GPU*):
+
+        * ``frame_dtype``: float16 on CUDA when ``fp16``, else float32 (tests pass it explicitly
+          to exercise the half-precision path on the CPU).
+        * ``compile`` (off): ``torch.compile`` (inductor, static shapes) on the decoder and the
+          motion hourglass, fusing their instance norms, SPADE modulation and activations:
+          0.75 -> 0.34 s of GPU per second of speech, after ~60 s of compiling on the first
+          batch of each shape (so warm up before serving).
+        * ``channels_last`` (on CUDA: only with ``compile``): eager cuDNN ran slower in the
+          channels-last layouts (0.72 against 0.54 s per second of speech in NCHW); the compiled
+          figure was measured channels-last, the one compiled layout measured.
+        * ``cuda_graphs`` (off): capture each batch shape's ``generate`` once per source state and
+          replay it. At 512 px the GPU is busy, not waiting on launches: 0.748 against 0.752 s
+          per second, while each new avatar pays a capture and the graphs keep a memory pool.
         """
         device = torch.device(device)
         if channels_last is None:
-            channels_last = device.type == "cuda"
+            channels_last = device.type == "cuda" and compile
+        if cuda_graphs is None:
+            cuda_graphs = False
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        self.clear_graphs()
         if not self._folded:
             fold_batchnorms(self)  # eval-mode BN after a conv is an affine map: fold it into the conv
             self._folded = True
@@ -300,6 +384,10 @@ class FaceRenderer(nn.Module):
         if device.type == "cuda":
             # Shapes repeat (one per batch size in use): let cuDNN time its kernels once per shape.
             torch.backends.cudnn.benchmark = True
+        if compile and not self.compiled:  # last: it wraps the modules as cast and placed
+            gen = self.generator
+            gen.decoder = torch.compile(gen.decoder, dynamic=False)
+            gen.dense_motion_network.hourglass = torch.compile(gen.dense_motion_network.hourglass, dynamic=False)
         return self
 
     @property
@@ -314,6 +402,18 @@ class FaceRenderer(nn.Module):
     def frame_bytes(size: int, itemsize: int) -> int:
         """Peak activation memory one frame adds to a generator batch (see estimated_frame_bytes)."""
         return int(536 * 2**20 / 512**2 * size**2 * itemsize / 2)
+
+    #: Share of a frame's activation peak that lives in the decoder's two upsampling blocks
+    #: (counted op by op, every tensor's storage from creation to release, at 256 px fp32:
+    #: 213 of 272 MB; the rest is the dense motion net and the middle SPADE blocks).
+    UPSAMPLE_SHARE = 0.78
+
+    @classmethod
+    def batch_bytes(cls, size: int, itemsize: int, batch: int, upsample_slice: int | None) -> int:
+        """Peak activation memory of one generator batch (weights not included), in bytes."""
+        per_frame = cls.frame_bytes(size, itemsize)
+        sliced = batch if upsample_slice is None else min(batch, upsample_slice)
+        return int(per_frame * ((1 - cls.UPSAMPLE_SHARE) * batch + cls.UPSAMPLE_SHARE * sliced))
 
     @property
     def estimated_frame_bytes(self) -> int:
@@ -409,13 +509,107 @@ class FaceRenderer(nn.Module):
 
     @torch.inference_mode()
     def generate(self, state: SourceState, kp_driving: torch.Tensor) -> torch.Tensor:
-        """One generator batch: (b, K, 3) driving keypoints -> (b, 3, S, S) frames in [0, 1] (frame dtype)."""
+        """One generator batch: (b, K, 3) driving keypoints -> (b, 3, S, S) frames in [0, 1] (frame dtype).
+
+        Always eager; ``render`` replays a CUDA graph of this when ``cuda_graphs`` is on.
+        """
         frames, _ = self.generator.decode(
             state.generator, state.kp_source, kp_driving.to(state.device), state.source_gaussians
         )
         return frames
 
+    # --- CUDA graphs ----------------------------------------------------------------------------
+    #: Graphs kept, one per (source state, batch size); each pins its state. Their activations
+    #: share one memory pool: replays never overlap and each output is read before the next.
+    MAX_GRAPHS = 4
+
+    def clear_graphs(self) -> None:
+        """Drop every captured graph (and the memory pool they share)."""
+        with self._graph_lock:
+            self._graphs.clear()
+            self._graph_pool = None
+
+    def _graphed(self, state: SourceState, batch: int) -> _GraphedGenerate:
+        key = (id(state), batch)
+        graph = self._graphs.get(key)
+        if graph is None or graph.state is not state:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = _GraphedGenerate(self, state, batch, self._graph_pool)
+            self._graphs[key] = graph
+            while len(self._graphs) > self.MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        return graph
+
+    # --- per request ----------------------------------------------------------------------------
+    def _finish(self, frames: torch.Tensor, paste: PasteTarget | None, output_size: int | None,
+                pixel_format: PixelFormat) -> torch.Tensor:
+        """One batch of (b, 3, S, S) generator frames -> uint8 frames on the device, as asked."""
+        if paste is not None:
+            frames = paste_frames(frames, paste)
+        elif output_size is not None and output_size != self.size:
+            frames = F.interpolate(
+                frames.float(),
+                size=(output_size, output_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=output_size < self.size,
+            )
+        return frames_to_i420(frames) if pixel_format == "yuv420p" else frames_to_uint8(frames)
+
     @torch.inference_mode()
+    def render_batches(
+        self,
+        state: SourceState,
+        coeffs: np.ndarray,
+        *,
+        context_before: int = 0,
+        context_after: int = 0,
+        window: int = WINDOW,
+        paste: PasteTarget | None = None,
+        output_size: int | None = None,
+        pixel_format: PixelFormat = "rgb24",
+    ) -> Iterator[np.ndarray]:
+        """``render``'s frames, one generator batch at a time, as soon as each is on the host.
+
+        Yields (b, H, W, 3) uint8 RGB, or (b, H * 3 // 2, W) uint8 I420 for ``pixel_format``
+        'yuv420p' (converted on the device: half the bytes cross to the host). On CUDA each
+        batch is copied into pinned memory asynchronously and handed out once the next batch
+        has been queued, so the GPU keeps working while the caller encodes.
+        """
+        if state.size != self.size or state.device != self.device:
+            raise ValueError("this SourceState was prepared by a different renderer")
+        if pixel_format not in ("rgb24", "yuv420p"):
+            raise ValueError(f"unknown pixel format {pixel_format!r}")
+        kp_driving = self.driving_keypoints(
+            state, coeffs, context_before=context_before, context_after=context_after, window=window
+        )
+        cuda = self.device.type == "cuda"
+        pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        for start in range(0, kp_driving.shape[0], self.batch_size):
+            kp = kp_driving[start : start + self.batch_size]
+            if self.cuda_graphs:
+                with self._graph_lock:  # replay + read-out: the graph's output is reused next replay
+                    out = self._finish(self._graphed(state, self.batch_size)(kp), paste, output_size,
+                                       pixel_format)
+            else:
+                out = self._finish(self.generate(state, kp), paste, output_size, pixel_format)
+            if not cuda:
+                yield out.numpy()
+                continue
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            if pending is not None:
+                pending[1].synchronize()
+                yield pending[0].numpy()
+            pending = (host, done)
+        if pending is not None:
+            pending[1].synchronize()
+            yield pending[0].numpy()
+
     def render(
         self,
         state: SourceState,
@@ -426,35 +620,61 @@ class FaceRenderer(nn.Module):
         window: int = WINDOW,
         paste: PasteTarget | None = None,
         output_size: int | None = None,
+        pixel_format: PixelFormat = "rgb24",
     ) -> np.ndarray:
         """(n_total, 70) coefficients -> (n, S, S, 3) uint8 RGB frames for the rows between the context.
 
         ``context_before``/``context_after`` rows only feed the 27-frame windows of their
         neighbours. With ``paste`` the frames are the full portrait, (n, H, W, 3); otherwise
         ``output_size`` resizes the crops on the device, (n, output_size, output_size, 3).
+        ``pixel_format`` 'yuv420p' gives (n, H * 3 // 2, W) I420 instead (``frames_to_i420``).
+        Raises ValueError for a state of another renderer or malformed coefficients.
         """
-        if state.size != self.size or state.device != self.device:
-            raise ValueError("this SourceState was prepared by a different renderer")
-        kp_driving = self.driving_keypoints(
-            state, coeffs, context_before=context_before, context_after=context_after, window=window
-        )
-        batches = []
-        # Frames stay on the device until the end: one transfer, and the GPU never waits on the host.
-        for start in range(0, kp_driving.shape[0], self.batch_size):
-            frames = self.generate(state, kp_driving[start : start + self.batch_size])
-            if paste is not None:
-                frames = paste_frames(frames, paste)
-            elif output_size is not None and output_size != self.size:
-                frames = F.interpolate(
-                    frames.float(),
-                    size=(output_size, output_size),
-                    mode="bilinear",
-                    align_corners=False,
-                    antialias=output_size < self.size,
-                )
-            batches.append(frames_to_uint8(frames))
-        if not batches:
-            side = output_size if output_size is not None else self.size
-            height, width = (paste.height, paste.width) if paste is not None else (side, side)
-            return np.zeros((0, height, width, 3), dtype=np.uint8)
-        return torch.cat(batches).cpu().numpy()
+        batches = list(self.render_batches(
+            state, coeffs, context_before=context_before, context_after=context_after, window=window,
+            paste=paste, output_size=output_size, pixel_format=pixel_format,
+        ))
+        if batches:
+            return np.concatenate(batches)
+        side = output_size if output_size is not None else self.size
+        height, width = (paste.height, paste.width) if paste is not None else (side, side)
+        if pixel_format == "yuv420p":
+            height = height * 3 // 2
+            return np.zeros((0, height, width), dtype=np.uint8)
+        return np.zeros((0, height, width, 3), dtype=np.uint8)
+
+
+class _GraphedGenerate:
+    """``FaceRenderer.generate`` for one source state and batch size, captured as a CUDA graph.
+
+    The graph reads its driving keypoints from a static buffer and writes into a static output,
+    so the caller copies keypoints in, replays, and must read the output before the next replay
+    (``render_batches`` holds the renderer's graph lock over both). A short batch is padded by
+    repeating its last row; its extra frames are dropped. Capture follows PyTorch's recipe
+    (``torch.cuda.graphs``): warm-up on a side stream (cuDNN picks its kernels there), then
+    capture into the renderer's shared memory pool.
+    """
+
+    def __init__(self, renderer: FaceRenderer, state: SourceState, batch: int, pool) -> None:
+        self.state = state
+        self.batch = batch
+        self.kp = state.kp_source.expand(batch, -1, -1).clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                renderer.generate(state, self.kp)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = renderer.generate(state, self.kp)
+
+    def __call__(self, kp: torch.Tensor) -> torch.Tensor:
+        n = kp.shape[0]
+        if not 0 < n <= self.batch:
+            raise ValueError(f"a graph for batch {self.batch} cannot take {n} keypoint sets")
+        self.kp[:n].copy_(kp)
+        if n < self.batch:
+            self.kp[n:].copy_(kp[-1:].expand(self.batch - n, -1, -1))
+        self.graph.replay()
+        return self.out[:n]
