@@ -10,9 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (the sadtalker extra)")
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
+from tests.sadtalker.conftest import require_torch
+
+torch = require_torch()
+pytestmark = [
+    pytest.mark.allow_skip("CUDA only: no CI machine has a GPU"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+]
 
 from lipsync.engines.sadtalker.render import FaceRenderer, frames_to_i420
 
