@@ -207,7 +207,7 @@ def frames_to_i420(frames: torch.Tensor) -> torch.Tensor:
     b, _, h, w = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"4:2:0 needs an even frame size, got {w}x{h}")
-    rgb = frames.float()
+    rgb = frames.float().clamp(0, 1)  # as the RGB path rounds into 0..255 (bicubic overshoots)
     m = torch.tensor([row[:3] for row in _BT601], dtype=torch.float32, device=frames.device)
     offset = torch.tensor([row[3] for row in _BT601], dtype=torch.float32, device=frames.device)
     y = torch.einsum("c,bchw->bhw", m[0], rgb).add_(offset[0])
@@ -549,12 +549,15 @@ class FaceRenderer(nn.Module):
         if paste is not None:
             frames = paste_frames(frames, paste)
         elif output_size is not None and output_size != self.size:
+            # Enlarging (the 256-px checkpoints at the default 512 output): bicubic, a = -0.75,
+            # half-pixel centres, as cv2.INTER_CUBIC; shrinking: area-like antialiased bilinear.
+            shrinking = output_size < self.size
             frames = F.interpolate(
                 frames.float(),
                 size=(output_size, output_size),
-                mode="bilinear",
+                mode="bilinear" if shrinking else "bicubic",
                 align_corners=False,
-                antialias=output_size < self.size,
+                antialias=shrinking,
             )
         return frames_to_i420(frames) if pixel_format == "yuv420p" else frames_to_uint8(frames)
 
