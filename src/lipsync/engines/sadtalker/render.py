@@ -613,37 +613,24 @@ class FaceRenderer(nn.Module):
             pending[1].synchronize()
             yield pending[0].numpy()
 
-    def render(
-        self,
-        state: SourceState,
-        coeffs: np.ndarray,
-        *,
-        context_before: int = 0,
-        context_after: int = 0,
-        window: int = WINDOW,
-        paste: PasteTarget | None = None,
-        output_size: int | None = None,
-        pixel_format: PixelFormat = "rgb24",
-    ) -> np.ndarray:
+    def render(self, state: SourceState, coeffs: np.ndarray, **options) -> np.ndarray:
         """(n_total, 70) coefficients -> (n, S, S, 3) uint8 RGB frames for the rows between the context.
 
-        ``context_before``/``context_after`` rows only feed the 27-frame windows of their
-        neighbours. With ``paste`` the frames are the full portrait, (n, H, W, 3); otherwise
-        ``output_size`` resizes the crops on the device, (n, output_size, output_size, 3).
-        ``pixel_format`` 'yuv420p' gives (n, H * 3 // 2, W) I420 instead (``frames_to_i420``).
-        Raises ValueError for a state of another renderer or malformed coefficients.
+        ``options`` are ``render_batches``'s: ``context_before``/``context_after`` rows only feed
+        the 27-frame windows of their neighbours; with ``paste`` the frames are the full
+        portrait, (n, H, W, 3); otherwise ``output_size`` resizes the crops on the device,
+        (n, output_size, output_size, 3); ``pixel_format`` 'yuv420p' gives (n, H * 3 // 2, W)
+        I420 instead (``frames_to_i420``). Raises ValueError for a state of another renderer or
+        malformed coefficients.
         """
-        batches = list(self.render_batches(
-            state, coeffs, context_before=context_before, context_after=context_after, window=window,
-            paste=paste, output_size=output_size, pixel_format=pixel_format,
-        ))
+        batches = list(self.render_batches(state, coeffs, **options))
         if batches:
             return np.concatenate(batches)
-        side = output_size if output_size is not None else self.size
+        paste: PasteTarget | None = options.get("paste")
+        side = options.get("output_size") or self.size
         height, width = (paste.height, paste.width) if paste is not None else (side, side)
-        if pixel_format == "yuv420p":
-            height = height * 3 // 2
-            return np.zeros((0, height, width), dtype=np.uint8)
+        if options.get("pixel_format", "rgb24") == "yuv420p":
+            return np.zeros((0, height * 3 // 2, width), dtype=np.uint8)
         return np.zeros((0, height, width, 3), dtype=np.uint8)
 
 
