@@ -578,12 +578,12 @@ def test_render_resizes_crops_on_the_device(tiny):
     crops = renderer.render(state, clip)
     big = renderer.render(state, clip, output_size=128)
     assert big.shape == (2, 128, 128, 3)
-    # A 2x bilinear upscale samples at i -+ 0.25, so averaging each 2x2 block gives the crop
-    # filtered by [1/8, 3/4, 1/8] along each axis (edges replicated).
-    blocks = big.reshape(2, 64, 2, 64, 2, 3).astype(float).mean(axis=(2, 4))
-    padded = np.pad(crops.astype(float), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    rows = 0.125 * padded[:, :-2] + 0.75 * padded[:, 1:-1] + 0.125 * padded[:, 2:]
-    expected = 0.125 * rows[:, :, :-2] + 0.75 * rows[:, :, 1:-1] + 0.125 * rows[:, :, 2:]
-    assert np.abs(blocks - expected).max() <= 1.0
+    # enlarged bicubic (a = -0.75, half-pixel centres), as cv2.INTER_CUBIC on the host; the
+    # device works on the unrounded frames, hence a level or two at the sharpest edges
+    import cv2
+
+    expected = np.stack([cv2.resize(c, (128, 128), interpolation=cv2.INTER_CUBIC) for c in crops])
+    diff = np.abs(big.astype(int) - expected.astype(int))
+    assert diff.mean() < 0.6 and np.percentile(diff, 99) <= 2
     assert renderer.render(state, clip, output_size=TINY).tolist() == crops.tolist()
     assert renderer.render(state, clip[:1], context_before=1, output_size=96).shape == (0, 96, 96, 3)
