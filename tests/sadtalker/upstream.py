@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.machinery
 import os
 import re
 import shutil
@@ -90,15 +91,24 @@ def upstream_root() -> Path:
     return dest
 
 
+def _stub(name: str) -> types.ModuleType:
+    """An empty module with a spec: importlib.util.find_spec (which torch._dynamo calls on
+    tqdm, kornia...) raises ValueError for a module in sys.modules whose __spec__ is None."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+    return module
+
+
 def _install_stubs(root: Path) -> None:
     if "sadtalker" not in sys.modules or not hasattr(sys.modules["sadtalker"], "__lipsync_stub__"):
-        pkg = types.ModuleType("sadtalker")
+        pkg = _stub("sadtalker")
         pkg.__path__ = [str(root / "sadtalker")]  # empty package: skip the app-level __init__
+        pkg.__spec__.submodule_search_locations = pkg.__path__
         pkg.__lipsync_stub__ = True
         sys.modules["sadtalker"] = pkg
     if "kornia" not in sys.modules:
-        kornia = types.ModuleType("kornia")
-        geometry = types.ModuleType("kornia.geometry")
+        kornia = _stub("kornia")
+        geometry = _stub("kornia.geometry")
 
         def warp_affine(*args, **kwargs):  # only used by face3d's training-time resize path
             raise NotImplementedError("kornia stub")
@@ -111,7 +121,7 @@ def _install_stubs(root: Path) -> None:
         import tqdm  # noqa: F401
     except ImportError:
         # make_animation wraps its frame loop in a progress bar; a pass-through does the same work
-        tqdm_mod = types.ModuleType("tqdm")
+        tqdm_mod = _stub("tqdm")
         tqdm_mod.tqdm = lambda iterable=None, *args, **kwargs: iterable
         tqdm_mod.__lipsync_stub__ = True
         sys.modules["tqdm"] = tqdm_mod
@@ -120,8 +130,8 @@ def _install_stubs(root: Path) -> None:
     except ImportError:
         # face3d.util.preprocess imports ``skimage.transform`` at module level but align_img and
         # friends never use it; an empty stand-in lets the module import.
-        skimage = types.ModuleType("skimage")
-        transform = types.ModuleType("skimage.transform")
+        skimage = _stub("skimage")
+        transform = _stub("skimage.transform")
         skimage.transform = transform
         skimage.__lipsync_stub__ = True
         sys.modules["skimage"] = skimage
