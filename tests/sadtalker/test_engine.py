@@ -180,6 +180,19 @@ def test_session_applies_the_enhancer_hook():
     assert int(frames.data[3, 0, 0, 0]) == 255 - 3
 
 
+def test_frames_of_an_unfinished_iterator_come_with_the_next_chunk():
+    renderer = _RecordingRenderer()
+    engine = SimpleNamespace(renderer=renderer, enhancer=None, device_type="cpu")
+    session = SadTalkerSession(engine, None, _ScriptedMotion(60), MotionOptions(size=64), 60, None)
+    first, second = _chunks([30, 30])
+    taken = next(session.render_iter(first))  # the caller stops after one batch
+    rest = list(session.render_iter(second))
+    batches = [taken, *rest]
+    assert [b.first_index for b in batches] == list(np.cumsum([0] + [len(b) for b in batches[:-1]]))
+    shown = np.concatenate([b.data[:, 24, 24, 0] for b in batches])
+    np.testing.assert_array_equal(shown, np.arange(60))  # each frame once, in order
+
+
 def test_session_hands_out_each_generator_batch_as_it_is_ready():
     """render_iter yields per renderer batch (the encoder starts on the first) and asks for I420
     on CUDA; the engine's timings cover the whole chunk."""

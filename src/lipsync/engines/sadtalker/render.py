@@ -353,20 +353,24 @@ class FaceRenderer(nn.Module):
           to exercise the half-precision path on the CPU).
         * ``compile`` (off): ``torch.compile`` (inductor, static shapes) on the decoder and the
           motion hourglass, fusing their instance norms, SPADE modulation and activations:
-          0.75 -> 0.34 s of GPU per second of speech, after ~60 s of compiling on the first
-          batch of each shape (so warm up before serving).
-        * ``channels_last`` (on CUDA: only with ``compile``): eager cuDNN ran slower in the
-          channels-last layouts (0.72 against 0.54 s per second of speech in NCHW); the compiled
-          figure was measured channels-last, the one compiled layout measured.
-        * ``cuda_graphs`` (off): capture each batch shape's ``generate`` once per source state and
-          replay it. At 512 px the GPU is busy, not waiting on launches: 0.748 against 0.752 s
-          per second, while each new avatar pays a capture and the graphs keep a memory pool.
+          0.34 s of GPU per second of speech (channels-last, graphs), against 0.75 eager in the
+          same layout and 0.54 eager in NCHW, after ~60 s of compiling on the first batch (so
+          warm up before serving).
+        * ``channels_last`` and ``cuda_graphs`` (on CUDA: only with ``compile``, the compiled
+          configuration measured). Eager cuDNN ran slower in the channels-last layouts (0.72
+          against 0.54 s per second of speech in NCHW). Graphs capture each batch shape's
+          ``generate`` once per source state and replay it; eager at 512 px the GPU is busy,
+          not waiting on launches (0.748 against 0.752 s per second), while each new avatar
+          pays a capture and the graphs keep a memory pool.
+
+        A compiled renderer runs every batch at ``batch_size`` (a short one padded with its last
+        row, the extra frames dropped), so only that shape is ever compiled.
         """
         device = torch.device(device)
         if channels_last is None:
             channels_last = device.type == "cuda" and compile
         if cuda_graphs is None:
-            cuda_graphs = False
+            cuda_graphs = device.type == "cuda" and compile
         if cuda_graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graphs = cuda_graphs
@@ -398,10 +402,16 @@ class FaceRenderer(nn.Module):
     def frame_dtype(self) -> torch.dtype:
         return self.generator.frame_dtype
 
-    @staticmethod
-    def frame_bytes(size: int, itemsize: int) -> int:
+    #: GPU memory one 512-px fp16 frame adds to a whole-batch generator call, measured on an
+    #: H200 (README, *SadTalker on a GPU*): NCHW, batch 8, 6535 MiB peak less 451 MiB of
+    #: weights and ~60 MiB of source state, over 8 frames. The op-by-op count on the meta device
+    #: gave 536 MiB; cuDNN's workspaces and the allocator's rounding are the difference.
+    FRAME_MIB_512_FP16 = 750
+
+    @classmethod
+    def frame_bytes(cls, size: int, itemsize: int) -> int:
         """Peak activation memory one frame adds to a generator batch (see estimated_frame_bytes)."""
-        return int(536 * 2**20 / 512**2 * size**2 * itemsize / 2)
+        return int(cls.FRAME_MIB_512_FP16 * 2**20 / 512**2 * size**2 * itemsize / 2)
 
     #: Share of a frame's activation peak that lives in the decoder's two upsampling blocks
     #: (counted op by op, every tensor's storage from creation to release, at 256 px fp32:
@@ -419,8 +429,9 @@ class FaceRenderer(nn.Module):
     def estimated_frame_bytes(self) -> int:
         """Peak activation memory one frame adds to a generator batch (weights not included).
 
-        Counted op by op on the meta device for upstream's configuration: about 536 MB per frame
-        at 512 px in fp16 (134 MB at 256 px), the bulk in the last SPADE block; fp32 doubles it.
+        ``FRAME_MIB_512_FP16`` scaled by pixels and item size: ~750 MiB per frame at 512 px in
+        fp16 (~190 MiB at 256 px), ~78 % of it in the decoder's upsampling blocks
+        (``UPSAMPLE_SHARE``); fp32 doubles it.
         """
         return self.frame_bytes(self.size, self.frame_dtype.itemsize)
 
@@ -596,6 +607,9 @@ class FaceRenderer(nn.Module):
                 with self._graph_lock:  # replay + read-out: the graph's output is reused next replay
                     out = self._finish(self._graphed(state, self.batch_size)(kp), paste, output_size,
                                        pixel_format)
+            elif self.compiled and len(kp) < self.batch_size:  # one compiled shape, never another
+                padded = torch.cat([kp, kp[-1:].expand(self.batch_size - len(kp), -1, -1)])
+                out = self._finish(self.generate(state, padded)[: len(kp)], paste, output_size, pixel_format)
             else:
                 out = self._finish(self.generate(state, kp), paste, output_size, pixel_format)
             if not cuda:
@@ -656,7 +670,9 @@ class _GraphedGenerate:
                 renderer.generate(state, self.kp)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: other requests' threads keep allocating and synchronising (their motion
+        # nets, pinned copies) while this one captures; "global" would make those calls fail.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = renderer.generate(state, self.kp)
 
     def __call__(self, kp: torch.Tensor) -> torch.Tensor:
