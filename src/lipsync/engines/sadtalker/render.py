@@ -522,7 +522,8 @@ class FaceRenderer(nn.Module):
     def generate(self, state: SourceState, kp_driving: torch.Tensor) -> torch.Tensor:
         """One generator batch: (b, K, 3) driving keypoints -> (b, 3, S, S) frames in [0, 1] (frame dtype).
 
-        Always eager; ``render`` replays a CUDA graph of this when ``cuda_graphs`` is on.
+        Runs the modules directly (compiled ones included); ``render`` replays a CUDA graph of
+        this per source state when ``cuda_graphs`` is on.
         """
         frames, _ = self.generator.decode(
             state.generator, state.kp_source, kp_driving.to(state.device), state.source_gaussians
@@ -532,7 +533,7 @@ class FaceRenderer(nn.Module):
     # --- CUDA graphs ----------------------------------------------------------------------------
     #: Graphs kept, one per (source state, batch size); each pins its state. Their activations
     #: share one memory pool: replays never overlap and each output is read before the next.
-    MAX_GRAPHS = 4
+    MAX_GRAPHS = 8  # the engine keeps 8 avatars' source states (SOURCE_CACHE_SIZE)
 
     def clear_graphs(self) -> None:
         """Drop every captured graph (and the memory pool they share)."""
