@@ -363,8 +363,8 @@ class FaceRenderer(nn.Module):
           not waiting on launches (0.748 against 0.752 s per second), while each new avatar
           pays a capture and the graphs keep a memory pool.
 
-        A compiled renderer runs every batch at ``batch_size`` (a short one padded with its last
-        row, the extra frames dropped), so only that shape is ever compiled.
+        With graphs or compiling every batch runs at ``batch_size`` (a short one padded with its
+        last row, the extra frames dropped), so only that shape is captured or compiled.
         """
         device = torch.device(device)
         if channels_last is None:
@@ -604,15 +604,17 @@ class FaceRenderer(nn.Module):
         pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
         for start in range(0, kp_driving.shape[0], self.batch_size):
             kp = kp_driving[start : start + self.batch_size]
+            n = len(kp)
+            if n < self.batch_size and (self.cuda_graphs or self.compiled):
+                # one shape for the graph and the compiled code, never another: repeat the last
+                # row, drop its frames
+                kp = torch.cat([kp, kp[-1:].expand(self.batch_size - n, -1, -1)])
             if self.cuda_graphs:
                 with self._graph_lock:  # replay + read-out: the graph's output is reused next replay
-                    out = self._finish(self._graphed(state, self.batch_size)(kp), paste, output_size,
+                    out = self._finish(self._graphed(state, self.batch_size)(kp)[:n], paste, output_size,
                                        pixel_format)
-            elif self.compiled and len(kp) < self.batch_size:  # one compiled shape, never another
-                padded = torch.cat([kp, kp[-1:].expand(self.batch_size - len(kp), -1, -1)])
-                out = self._finish(self.generate(state, padded)[: len(kp)], paste, output_size, pixel_format)
             else:
-                out = self._finish(self.generate(state, kp), paste, output_size, pixel_format)
+                out = self._finish(self.generate(state, kp)[:n], paste, output_size, pixel_format)
             if not cuda:
                 yield out.numpy()
                 continue
@@ -654,8 +656,8 @@ class _GraphedGenerate:
 
     The graph reads its driving keypoints from a static buffer and writes into a static output,
     so the caller copies keypoints in, replays, and must read the output before the next replay
-    (``render_batches`` holds the renderer's graph lock over both). A short batch is padded by
-    repeating its last row; its extra frames are dropped. Capture follows PyTorch's recipe
+    (``render_batches`` holds the renderer's graph lock over both, and pads short batches).
+    Capture follows PyTorch's recipe
     (``torch.cuda.graphs``): warm-up on a side stream (cuDNN picks its kernels there), then
     capture into the renderer's shared memory pool.
     """
@@ -677,11 +679,8 @@ class _GraphedGenerate:
             self.out = renderer.generate(state, self.kp)
 
     def __call__(self, kp: torch.Tensor) -> torch.Tensor:
-        n = kp.shape[0]
-        if not 0 < n <= self.batch:
-            raise ValueError(f"a graph for batch {self.batch} cannot take {n} keypoint sets")
-        self.kp[:n].copy_(kp)
-        if n < self.batch:
-            self.kp[n:].copy_(kp[-1:].expand(self.batch - n, -1, -1))
+        if kp.shape[0] != self.batch:
+            raise ValueError(f"a graph for batch {self.batch} cannot take {kp.shape[0]} keypoint sets")
+        self.kp.copy_(kp)
         self.graph.replay()
-        return self.out[:n]
+        return self.out
