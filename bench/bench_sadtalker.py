@@ -323,11 +323,18 @@ def speed_steps(weights, size: int, *, batch: int, frames: int) -> list[dict]:
     return out
 
 
-def compile_step(weights, size: int, *, batch: int, frames: int) -> dict:
-    """torch.compile (inductor, default mode) on the per-frame modules, inside the CUDA graph."""
+COMPILE_LAYOUTS = {"cl+graphs": (True, True), "nchw+graphs": (False, True), "nchw": (False, False),
+                   "cl": (True, False)}
+
+
+def compile_step(weights, size: int, *, batch: int, frames: int, layout: str = "cl+graphs") -> dict:
+    """torch.compile (inductor, default mode) on the per-frame modules, in one memory layout, with or
+    without the CUDA graph per batch (``layout``: a key of ``COMPILE_LAYOUTS``; the engine's
+    ``torch_compile`` setting uses "cl+graphs")."""
     coeffs, image = _inputs(size, frames, seed=5)
     _free_cuda()
-    renderer = _renderer(weights, size, dtype="fp16", batch=batch)
+    channels_last, graphs = COMPILE_LAYOUTS[layout]
+    renderer = _renderer(weights, size, dtype="fp16", batch=batch, channels_last=channels_last, cuda_graphs=graphs)
     gen = renderer.generator
     dm = gen.dense_motion_network
     t0 = time.perf_counter()
@@ -337,7 +344,8 @@ def compile_step(weights, size: int, *, batch: int, frames: int) -> dict:
     renderer.render(state, coeffs[:batch], pixel_format="yuv420p")  # compiles
     compile_s = time.perf_counter() - t0
     dt, peak, reserved = _time_render(renderer, state, coeffs, pixel_format="yuv420p")
-    return {"size": size, "step": "+ torch.compile (decoder, hourglass)", "seconds": dt, "rtf": dt * FPS / frames,
+    return {"size": size, "step": f"torch.compile (decoder, hourglass), {layout}", "seconds": dt,
+            "rtf": dt * FPS / frames,
             "peak_vram_mb": peak, "reserved_vram_mb": reserved, "compile_seconds": compile_s}
 
 
@@ -347,7 +355,8 @@ def end_to_end(ckpt_dir: Path, cache_dir: Path, *, size: int, seconds: float, ou
 
     First byte = from calling ``stream`` to the first bytes it yields (the init segment and the
     first batch's fragment come together); measured for a new avatar state (its CUDA graph is
-    captured inside) and again warm. Also: render alone, the encoder alone, and both overlapped.
+    captured inside), again warm, and warm for a clip of another length. Also: render alone,
+    the encoder alone, and both overlapped.
     """
     from lipsync.io import decode_audio
     from lipsync.pipeline import LipSyncPipeline, bundled_sample
@@ -374,7 +383,7 @@ def end_to_end(ckpt_dir: Path, cache_dir: Path, *, size: int, seconds: float, ou
               "torch_compile": compile,
               "batch_size": pipe.engine.renderer.batch_size, "upsample_slice": pipe.engine.renderer.upsample_slice}
 
-    def stream(label: str) -> None:
+    def stream(label: str, clip: AudioClip = clip) -> None:
         t0 = time.perf_counter()
         first = None
         total = 0
@@ -388,12 +397,17 @@ def end_to_end(ckpt_dir: Path, cache_dir: Path, *, size: int, seconds: float, ou
         dt = time.perf_counter() - t0
         report[f"{label}_first_byte_s"] = first
         report[f"{label}_stream_s"] = dt
-        report[f"{label}_stream_rtf"] = dt / seconds
+        report[f"{label}_stream_rtf"] = dt / (len(clip.samples) / clip.sample_rate)
         if out_dir is not None and label == "warm":
             (out_dir / f"stream_{size}.mp4").write_bytes(bytes(blob))
 
     stream("new_avatar_state")
     stream("warm")
+    # another length: its chunks end in batch sizes the first clip's did not (cuDNN's kernel
+    # timing per new shape shows here unless the shapes are padded and warmed)
+    other = AudioClip(samples=samples[: int(n * 0.737)], sample_rate=16_000)
+    report["other_length_seconds"] = len(other.samples) / 16_000
+    stream("other_length", other)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
@@ -444,6 +458,8 @@ def main(argv: list[str] | None = None) -> None:
     cuda.add_argument("--steps-batch", type=int, default=8)
     cuda.add_argument("--e2e-seconds", type=float, default=10.0)
     cuda.add_argument("--e2e-compile", action="store_true", help="e2e with LIPSYNC_TORCH_COMPILE on")
+    cuda.add_argument("--compile-layouts", nargs="+", default=["cl+graphs"], choices=list(COMPILE_LAYOUTS),
+                      help="layouts the compile section measures (default: the engine's, cl+graphs)")
     cuda.add_argument("--avatar-cache", type=Path, help="avatar cache holding the bundled portrait (e2e)")
     cuda.add_argument("--videos", type=Path, help="write the e2e videos here")
     p.add_argument("--json", type=Path, help="also write the raw numbers here (rewritten after each section)")
@@ -492,8 +508,9 @@ def main(argv: list[str] | None = None) -> None:
             "e2e": lambda: [end_to_end(ckpts[size].main.parent, args.avatar_cache or Path(tmp) / "cache", size=size,
                                        seconds=args.e2e_seconds, out_dir=args.videos, compile=args.e2e_compile)
                     for size in args.cuda_sizes],
-            "compile": lambda: [compile_step(weights[size], size, batch=args.steps_batch, frames=args.cuda_frames)
-                                for size in args.cuda_sizes],
+            "compile": lambda: [compile_step(weights[size], size, batch=args.steps_batch, frames=args.cuda_frames,
+                                             layout=layout)
+                                for size in args.cuda_sizes for layout in args.compile_layouts],
         }
         for name in args.sections:
             print(f"\n### {name} ({report['gpu']})", flush=True)

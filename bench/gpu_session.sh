@@ -7,7 +7,8 @@
 #                python -c "from lipsync.pipeline import LipSyncPipeline as P; P.from_settings(cache_dir='.gpu/cache').default_avatar()"
 # Then, on the GPU machine, from the repository root: OUT=results bash bench/gpu_session.sh
 # ORDER (default "tests bench compile") picks and orders the parts; SECTIONS, SIZES, FRAMES and
-# BENCH_ARGS shape the bench; each part has its own time limit (*_TIMEOUT, seconds).
+# BENCH_ARGS shape the bench, COMPILE_ARGS the compile part (e.g. "--compile-layouts nchw cl");
+# each part has its own time limit (*_TIMEOUT, seconds).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-results}
@@ -29,6 +30,6 @@ for part in ${ORDER:-tests bench compile}; do
             --cuda-sizes ${SIZES:-256 512} --cuda-frames "${FRAMES:-64}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     compile)
         timeout "${COMPILE_TIMEOUT:-150}" python3 bench/bench_sadtalker.py --skip-cpu --json "$OUT/compile.json" \
-            --sections compile --cuda-sizes 512 --cuda-frames "${FRAMES:-64}" 2>&1 | tail -8 ;;
+            --sections compile --cuda-sizes 512 --cuda-frames "${FRAMES:-64}" ${COMPILE_ARGS:-} 2>&1 | tee "$OUT/compile.log" | tail -8 ;;
     esac
 done

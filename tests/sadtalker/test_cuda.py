@@ -162,3 +162,17 @@ def test_engine_session_on_cuda_streams_i420_batches(checkpoints, tmp_path):
     assert [b.first_index for b in got] == list(np.cumsum([0] + [len(b) for b in got[:-1]]))
     assert all(b.pixel_format == "yuv420p" and (b.width, b.height) == (512, 512) for b in got)
     assert max(len(b) for b in got) == 8
+
+
+def test_eager_cuda_pads_short_batches_to_warmed_shapes_and_draws_the_same_frames(weights):
+    renderer = _renderer(weights)
+    assert renderer.pad_batches and not renderer.cuda_graphs
+    image, coeffs = _inputs(6, frames=7)  # 4 + a tail of 3, run as 4
+    state = renderer.prepare_source(image, np.zeros(70, np.float32))
+    assert renderer.warm_shapes(state, output_size=2 * SIZE, pixel_format="yuv420p", windows=8) == [1, 2, 4]
+    padded = renderer.render(state, coeffs).astype(float)
+    renderer.pad_batches = False
+    plain = renderer.render(state, coeffs).astype(float)
+    err = np.abs(padded - plain).mean(axis=(1, 2, 3))
+    motion = np.abs(plain[1:] - plain[:-1]).mean()
+    assert err.max() < 0.1 * motion, (err, motion)

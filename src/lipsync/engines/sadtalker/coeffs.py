@@ -43,6 +43,11 @@ from .audio import CONTEXT_SECONDS as AUDIO_CONTEXT_SECONDS
 from .audio import chunk_mel_windows
 from .audio2exp import AUDIO_EMBEDDING, EXP_DIM, Audio2Exp
 from .audio2pose import NUM_CLASSES, POSE_DIM, SEQ_LEN, Audio2Pose
+from .shapes import pad_rows, shape_bucket
+
+#: Largest padded Audio2Exp batch below which calls are padded to powers of two (a 3 s chunk
+#: is 75 frames at 25 fps; longer ones go to multiples of it).
+EXP_BATCH_BUCKET = 128
 
 if TYPE_CHECKING:
     from .face3d import FaceCoefficients
@@ -215,6 +220,8 @@ class CoefficientGenerator:
             raise InvalidInput("expression scale must be a finite number")
         self.options = options
         self.device = torch.device(device)
+        #: Pad Audio2Exp's batch to ``shape_bucket`` sizes (on CUDA, see ``shapes.py``).
+        self.pad_batches = self.device.type == "cuda"
         self._audio2exp = audio2exp
         self._audio2pose = audio2pose
         self._source_exp = coeff[0, :EXP_DIM]
@@ -275,7 +282,13 @@ class CoefficientGenerator:
             windows = torch.from_numpy(mel).to(device=self.device, dtype=self._dtype)
             ref = torch.from_numpy(self._source_exp).to(device=self.device, dtype=self._dtype)
             blink = torch.from_numpy(ratio).to(device=self.device, dtype=self._dtype)
-            exp = self._audio2exp.predict(windows, ref, blink).float().cpu().numpy()
+            n = windows.shape[0]
+            if self.pad_batches:  # a few input shapes for cuDNN (shapes.py); rows are independent
+                padded = shape_bucket(n, EXP_BATCH_BUCKET)
+                exp = self._audio2exp.predict(pad_rows(windows, padded), ref, pad_rows(blink, padded))[:n]
+            else:
+                exp = self._audio2exp.predict(windows, ref, blink)
+            exp = exp.float().cpu().numpy()
             pose = self._pose_rows(windows)
         exp = exp * np.float32(self.options.expression_scale)
         return np.concatenate([exp, pose], axis=1).astype(np.float32)

@@ -39,7 +39,7 @@ from .audio import context_seconds as audio_context_seconds
 from .audio2exp import Audio2Exp
 from .audio2pose import Audio2Pose
 from .checkpoints import SadTalkerCheckpoints, check_state, load_strict, load_weights
-from .coeffs import CoefficientGenerator
+from .coeffs import EXP_BATCH_BUCKET, CoefficientGenerator
 from .face3d import (
     FaceCoefficients,
     ReconNet,
@@ -308,7 +308,8 @@ class SadTalkerEngine(Engine):
         }
 
     def warmup(self) -> None:
-        """One small pass through every network (kernel selection, lazy allocations)."""
+        """One small pass through every network (kernel selection, lazy allocations); on CUDA
+        every padded batch shape once (``shapes.py``), at the default output size."""
         size = self.renderer.size
         with torch.inference_mode():
             self.recon(torch.zeros(1, 3, 224, 224, device=self._device))
@@ -321,6 +322,20 @@ class SadTalkerEngine(Engine):
                 np.full((size, size, 3), 128, np.uint8), np.zeros(self.renderer.coeff_count, np.float32)
             )
             self.renderer.render(state, np.zeros((1, 70), np.float32))
+            if self.device_type == "cuda":
+                # every padded shape once, so cuDNN's kernel timing happens here, not in a request
+                n = 1
+                while n <= EXP_BATCH_BUCKET:
+                    self.audio2exp.predict(
+                        torch.zeros(n, 1, 80, 16, device=self._device),
+                        torch.zeros(64, device=self._device),
+                        torch.zeros(n, device=self._device),
+                    )
+                    n *= 2
+                self.renderer.warm_shapes(
+                    state, output_size=MotionOptions().size,
+                    pixel_format="yuv420p" if self.enhancer is None else "rgb24",
+                )
         self.renderer.clear_graphs()  # the stand-in avatar's graph; the compiled code stays
 
     # --- per avatar -----------------------------------------------------------------------

@@ -41,6 +41,7 @@ from .checkpoints import load_strict
 from .generator import GeneratorSource, OcclusionAwareSPADEGenerator, fold_batchnorms, keypoint_gaussians
 from .keypoints import KPDetector, transform_keypoints
 from .mapping import WINDOW, MappingNet
+from .shapes import pad_rows, shape_bucket
 
 #: Coefficients a frame contributes: 64 expression + 3 angles + 3 translation.
 FRAME_COEFFS = 70
@@ -287,6 +288,9 @@ class FaceRenderer(nn.Module):
         self._folded = False
         #: CUDA graphs of ``generate`` per (source state, batch size); see ``to_runtime``.
         self.cuda_graphs = False
+        #: Pad every network call's batch to ``shape_bucket`` sizes (on by ``to_runtime`` on
+        #: CUDA): a few input shapes, each timed by cuDNN once in warm-up.
+        self.pad_batches = False
         self._graphs: OrderedDict[tuple[int, int], _GraphedGenerate] = OrderedDict()
         self._graph_lock = threading.Lock()
         self._graph_pool = None
@@ -364,7 +368,9 @@ class FaceRenderer(nn.Module):
           pays a capture and the graphs keep a memory pool.
 
         With graphs or compiling every batch runs at ``batch_size`` (a short one padded with its
-        last row, the extra frames dropped), so only that shape is captured or compiled.
+        last row, the extra frames dropped), so only that shape is captured or compiled. Eager on
+        CUDA a short batch is padded to its ``shape_bucket`` (``pad_batches``), and so are the
+        mapping net's windows.
         """
         device = torch.device(device)
         if channels_last is None:
@@ -385,8 +391,10 @@ class FaceRenderer(nn.Module):
         self.to(device)
         if channels_last:
             self.generator.set_frame_dtype(frame_dtype, channels_last=True)
+        self.pad_batches = device.type == "cuda"
         if device.type == "cuda":
-            # Shapes repeat (one per batch size in use): let cuDNN time its kernels once per shape.
+            # Shapes repeat (padded to a few buckets, see shape_bucket): let cuDNN time its
+            # kernels once per shape.
             torch.backends.cudnn.benchmark = True
         if compile and not self.compiled:  # last: it wraps the modules as cast and placed
             gen = self.generator
@@ -515,8 +523,31 @@ class FaceRenderer(nn.Module):
             windows = semantic_windows(
                 rows, context_before + start, min(MAPPING_SLICE, count - start), window
             )
-            keypoints.append(transform_keypoints(state.kp_canonical, self.mapping(windows)))
+            m = windows.shape[0]
+            if self.pad_batches:
+                windows = pad_rows(windows, shape_bucket(m, MAPPING_SLICE))
+            keypoints.append(transform_keypoints(state.kp_canonical, self.mapping(windows))[:m])
         return torch.cat(keypoints)
+
+    @torch.inference_mode()
+    def warm_shapes(self, state: SourceState, *, output_size: int | None = None,
+                    pixel_format: PixelFormat = "rgb24", windows: int = 128) -> list[int]:
+        """Run every padded batch shape once (cuDNN times its kernels for each): the mapping net
+        for window counts up to ``windows``, the generator and the frame conversion for batches
+        up to ``batch_size``. A no-op unless ``pad_batches``. Returns the generator batch sizes
+        run (empty when nothing ran)."""
+        if not self.pad_batches:
+            return []
+        rows = np.zeros((shape_bucket(windows, MAPPING_SLICE), FRAME_COEFFS), np.float32)
+        n = 1
+        while n <= min(windows, MAPPING_SLICE):
+            self.driving_keypoints(state, rows[:n])
+            n *= 2
+        sizes = sorted({shape_bucket(n, self.batch_size) for n in range(1, self.batch_size + 1)})
+        for b in sizes:
+            for _ in self.render_batches(state, rows[:b], output_size=output_size, pixel_format=pixel_format):
+                pass
+        return sizes
 
     @torch.inference_mode()
     def generate(self, state: SourceState, kp_driving: torch.Tensor) -> torch.Tensor:
@@ -605,10 +636,12 @@ class FaceRenderer(nn.Module):
         for start in range(0, kp_driving.shape[0], self.batch_size):
             kp = kp_driving[start : start + self.batch_size]
             n = len(kp)
-            if n < self.batch_size and (self.cuda_graphs or self.compiled):
+            if self.cuda_graphs or self.compiled:
                 # one shape for the graph and the compiled code, never another: repeat the last
                 # row, drop its frames
-                kp = torch.cat([kp, kp[-1:].expand(self.batch_size - n, -1, -1)])
+                kp = pad_rows(kp, self.batch_size)
+            elif self.pad_batches:
+                kp = pad_rows(kp, shape_bucket(n, self.batch_size))
             if self.cuda_graphs:
                 with self._graph_lock:  # replay + read-out: the graph's output is reused next replay
                     out = self._finish(self._graphed(state, self.batch_size)(kp)[:n], paste, output_size,
