@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed (the sadtalker extra)")
 
 from lipsync.engines.sadtalker.audio2exp import Audio2Exp
+from lipsync.engines.sadtalker.audio2pose import Audio2Pose
 from lipsync.engines.sadtalker.coeffs import CONTEXT_SECONDS, EXP_BATCH_BUCKET, CoefficientGenerator
 from lipsync.engines.sadtalker.render import MAPPING_SLICE
 from lipsync.engines.sadtalker.shapes import pad_rows, shape_bucket
@@ -129,4 +130,29 @@ def test_padded_audio2exp_batches_give_the_same_coefficients():
         else:
             assert 40 in sizes, sizes  # a chunk's own frames, unpadded
     assert CoefficientGenerator(net, None, _source(2), MotionOptions(still=True)).pad_batches is False  # CPU
+    np.testing.assert_allclose(out[True], out[False], atol=1e-5)
+
+
+def test_padded_audio2pose_encoder_batches_give_the_same_head_motion():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        pose = Audio2Pose().eval()
+        torch.nn.init.normal_(pose.netG.decoder.classbias)
+        exp = Audio2Exp().eval()
+    seen: list[int] = []
+    encode = pose.encode_audio
+
+    def recording(windows):
+        seen.append(windows.shape[0])
+        return encode(windows)
+
+    pose.encode_audio = recording
+    wav = speechlike(2.6, seed=4)
+    out = {}
+    for pad in (False, True):
+        gen = CoefficientGenerator(exp, pose, _source(4), MotionOptions(still=False), seed=5)
+        gen.pad_batches = pad
+        seen.clear()
+        out[pad] = np.concatenate([gen.process(c) for c in chunks(wav, 30, CONTEXT_SECONDS)])
+        assert (set(seen) <= {1, 2, 4, 8, 16, 32, 64, EXP_BATCH_BUCKET}) == pad, seen
     np.testing.assert_allclose(out[True], out[False], atol=1e-5)

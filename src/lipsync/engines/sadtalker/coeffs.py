@@ -118,6 +118,8 @@ class PoseStream:
         self._source = np.asarray(source_pose, dtype=np.float64).reshape(POSE_DIM)
         self._class = torch.tensor([pose_style], dtype=torch.long, device=device)
         self._emb_history = torch.zeros(0, AUDIO_EMBEDDING, dtype=dtype, device=device)
+        #: Pad the audio encoder's batch to ``shape_bucket`` sizes (on CUDA, see ``shapes.py``).
+        self.pad_batches = torch.device(device).type == "cuda"
         self._history = np.zeros((0, POSE_DIM))  # the last two poses given out, oldest first
         self.blocks_drawn = 0
 
@@ -167,7 +169,11 @@ class PoseStream:
         n = windows.shape[0]
         if n == 0:
             return np.zeros((0, POSE_DIM), dtype=np.float32)
-        emb = self._net.encode_audio(windows.to(self._dtype))
+        windows = windows.to(self._dtype)
+        if self.pad_batches:  # a few input shapes for cuDNN (shapes.py); rows are independent
+            emb = self._net.encode_audio(pad_rows(windows, shape_bucket(n, EXP_BATCH_BUCKET)))[:n]
+        else:
+            emb = self._net.encode_audio(windows)
         rows: list[np.ndarray] = []
         if len(self._history) == 0:
             # Frame 0 of the request is the source pose itself (upstream: zero motion for frame 0).
@@ -220,7 +226,8 @@ class CoefficientGenerator:
             raise InvalidInput("expression scale must be a finite number")
         self.options = options
         self.device = torch.device(device)
-        #: Pad Audio2Exp's batch to ``shape_bucket`` sizes (on CUDA, see ``shapes.py``).
+        #: Pad Audio2Exp's (and Audio2Pose's audio encoder's) batch to ``shape_bucket`` sizes (on
+        #: CUDA, see ``shapes.py``).
         self.pad_batches = self.device.type == "cuda"
         self._audio2exp = audio2exp
         self._audio2pose = audio2pose
@@ -263,6 +270,7 @@ class CoefficientGenerator:
                 self._audio2pose, self._source_pose, self._pose_style, self._pose_rng, self.device,
                 next(self._audio2pose.parameters()).dtype,
             )
+            self._pose.pad_batches = self.pad_batches
         return self._pose.process(windows)
 
     def process(self, chunk: AudioChunk) -> np.ndarray:
