@@ -190,6 +190,8 @@ def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, 
     if audio is None:
         _fail("--audio is required (or --sample for the bundled speech)")
     _check_file(audio, "audio file")
+    if not output.parent.exists():  # a mistyped folder is an error, not a new directory tree
+        _fail(f"output folder does not exist: {output.parent}")
     # an existing file is a portrait; otherwise an id-shaped value names a cached avatar
     avatar_ref: Path | AvatarId | None = None
     if avatar is not None:
@@ -223,8 +225,10 @@ def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, 
                 bar.__exit__(None, None, None)
         if not quiet:
             t = result.times
+            frames = f"{result.frames} frame{'' if result.frames == 1 else 's'}"
+            speech = f"{result.audio_seconds:.1f}" if result.audio_seconds >= 0.1 else f"{result.audio_seconds:.3f}"
             click.echo(
-                f"wrote {output}: {result.frames} frames ({result.audio_seconds:.1f} s of speech) in "
+                f"wrote {output}: {frames} ({speech} s of speech) in "
                 f"{time.perf_counter() - t0:.2f} s [avatar {t.precompute:.2f}"
                 f"{' cached' if result.avatar_cache_hit else ''}, audio {t.audio:.2f}, motion {t.motion:.2f}, "
                 f"render {t.render:.2f}, encode {t.encode:.2f}]",

@@ -178,7 +178,7 @@ def test_bad_files_give_one_line_and_nonzero_exit(tmp_path, material, name):
     (["generate", "--audio", "/nonexistent.wav", "-o", "x.mp4"], "not found"),
     (["generate", "--sample", "-o", "x.mp4", "--size", "333"], "size"),
     (["generate", "--sample", "-o", "x.mp4", "--engine", "nope"], "unknown engine"),
-    (["generate", "--sample", "-o", "x.mp4", "--avatar", "0" * 64], "no avatar"),
+    (["generate", "--sample", "-o", "x.mp4", "--avatar", "0" * 64], "lipsync precompute"),
     (["generate", "--audio", "/", "-o", "x.mp4"], "audio file expected, got a directory"),
     (["generate", "--audio", "/dev/null", "-o", "x.mp4"], "got a device, pipe or socket"),
     (["generate", "--sample", "-o", "x.mp4", "--avatar", "deadbeef"], "nor an avatar id"),
@@ -207,13 +207,16 @@ def test_verbose_logs_each_stage_before_or_after_the_command(tmp_path, before):
 @pytest.mark.parametrize("where,needle", [
     ("dir", "output path is a directory"),
     ("under_a_file", "cannot write the video to"),
+    ("missing_folder", "output folder does not exist"),
 ])
 def test_an_output_path_that_cannot_be_written_is_one_line_exit_1(tmp_path, where, needle):
-    """A directory, or a path under a plain file: refused like bad input (exit 1), not an
-    internal error (exit 3), and nothing is left behind."""
+    """A directory, a path under a plain file, or one in a folder that does not exist: refused
+    like bad input (exit 1), not an internal error (exit 3), and nothing is left behind (no
+    folder is made for a mistyped path)."""
     (tmp_path / "out").mkdir()
     (tmp_path / "plain").write_text("x")
-    out = tmp_path / "out" if where == "dir" else tmp_path / "plain" / "x.mp4"
+    out = {"dir": tmp_path / "out", "under_a_file": tmp_path / "plain" / "x.mp4",
+           "missing_folder": tmp_path / "typo" / "deeper" / "x.mp4"}[where]
     before = sorted(p.name for p in tmp_path.rglob("*"))
     r = CliRunner().invoke(main, ["generate", "--sample", "-o", str(out), "--cache-dir", str(tmp_path / "c"), "-q"])
     assert r.exit_code == 1, (r.exit_code, r.output)
