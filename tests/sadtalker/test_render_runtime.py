@@ -59,14 +59,18 @@ def test_i420_of_flat_colours_matches_cv2_exactly_enough_and_rejects_odd_sizes()
 
 
 # --- the sliced decoder -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny():
-    renderer = _tiny_renderer(batch_size=4)
-    rng = np.random.default_rng(4)
+def tiny_case(seed: int, rows: int, batch_size: int = 4):
+    """(renderer, source state, coefficient rows): a tiny random renderer and a random portrait."""
+    renderer = _tiny_renderer(batch_size=batch_size)
+    rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (TINY, TINY, 3), dtype=np.uint8)
     state = renderer.prepare_source(image, rng.normal(0, 0.3, 70).astype(np.float32))
-    coeffs = rng.normal(0, 0.3, (11, 70)).astype(np.float32)
-    return renderer, state, coeffs
+    return renderer, state, rng.normal(0, 0.3, (rows, 70)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_case(4, 11)
 
 
 @pytest.mark.parametrize("step", [1, 3])

@@ -17,7 +17,8 @@ from lipsync.engines.sadtalker.shapes import pad_rows, shape_bucket
 from lipsync.types import MotionOptions
 from tests.sadtalker.chunking import chunks, speechlike
 from tests.sadtalker.test_coeffs import _source
-from tests.sadtalker.test_parity_render import TINY, _tiny_renderer
+from tests.sadtalker.test_parity_render import TINY
+from tests.sadtalker.test_render_runtime import tiny_case
 
 
 @pytest.mark.parametrize(("n", "cap", "bucket"), [
@@ -66,13 +67,8 @@ class _Shapes:
 
 
 @pytest.fixture()
-def tiny():
-    renderer = _tiny_renderer(batch_size=4)
-    rng = np.random.default_rng(5)
-    image = rng.integers(0, 256, (TINY, TINY, 3), dtype=np.uint8)
-    state = renderer.prepare_source(image, rng.normal(0, 0.3, 70).astype(np.float32))
-    coeffs = rng.normal(0, 0.3, (10, 70)).astype(np.float32)
-    return renderer, state, coeffs
+def tiny():  # its own renderer per test: the tests switch padding on and wrap its methods
+    return tiny_case(5, 10)
 
 
 def test_padded_batches_draw_the_same_frames_at_bucket_shapes(tiny):
