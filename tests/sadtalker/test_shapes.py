@@ -13,7 +13,7 @@ from lipsync.engines.sadtalker.audio2exp import Audio2Exp
 from lipsync.engines.sadtalker.audio2pose import Audio2Pose
 from lipsync.engines.sadtalker.coeffs import CONTEXT_SECONDS, EXP_BATCH_BUCKET, CoefficientGenerator
 from lipsync.engines.sadtalker.render import MAPPING_SLICE
-from lipsync.engines.sadtalker.shapes import pad_rows, shape_bucket
+from lipsync.engines.sadtalker.shapes import call_padded, pad_rows, shape_bucket
 from lipsync.types import MotionOptions
 from tests.sadtalker.chunking import chunks, speechlike
 from tests.sadtalker.test_coeffs import _source
@@ -44,6 +44,19 @@ def test_pad_rows_repeats_the_last_row():
     torch.testing.assert_close(out[:3], rows)
     torch.testing.assert_close(out[3:], rows[-1:].expand(2, 2))
     assert pad_rows(rows, 3) is rows and pad_rows(rows, 2) is rows
+
+
+def test_call_padded_pads_every_row_tensor_and_cuts_the_result_back():
+    seen = []
+
+    def fn(a, b):
+        seen.append((a.shape[0], b.shape[0]))
+        return a + b
+
+    a, b = torch.arange(5.0), torch.ones(5)
+    torch.testing.assert_close(call_padded(fn, 16, True, a, b), a + b)
+    torch.testing.assert_close(call_padded(fn, 16, False, a, b), a + b)
+    assert seen == [(8, 8), (5, 5)]
 
 
 class _Shapes:

@@ -43,7 +43,7 @@ from .audio import CONTEXT_SECONDS as AUDIO_CONTEXT_SECONDS
 from .audio import chunk_mel_windows
 from .audio2exp import AUDIO_EMBEDDING, EXP_DIM, Audio2Exp
 from .audio2pose import NUM_CLASSES, POSE_DIM, SEQ_LEN, Audio2Pose
-from .shapes import pad_rows, shape_bucket
+from .shapes import call_padded
 
 #: Largest padded Audio2Exp batch below which calls are padded to powers of two (a 3 s chunk
 #: is 75 frames at 25 fps; longer ones go to multiples of it).
@@ -169,11 +169,7 @@ class PoseStream:
         n = windows.shape[0]
         if n == 0:
             return np.zeros((0, POSE_DIM), dtype=np.float32)
-        windows = windows.to(self._dtype)
-        if self.pad_batches:  # a few input shapes for cuDNN (shapes.py); rows are independent
-            emb = self._net.encode_audio(pad_rows(windows, shape_bucket(n, EXP_BATCH_BUCKET)))[:n]
-        else:
-            emb = self._net.encode_audio(windows)
+        emb = call_padded(self._net.encode_audio, EXP_BATCH_BUCKET, self.pad_batches, windows.to(self._dtype))
         rows: list[np.ndarray] = []
         if len(self._history) == 0:
             # Frame 0 of the request is the source pose itself (upstream: zero motion for frame 0).
@@ -290,13 +286,8 @@ class CoefficientGenerator:
             windows = torch.from_numpy(mel).to(device=self.device, dtype=self._dtype)
             ref = torch.from_numpy(self._source_exp).to(device=self.device, dtype=self._dtype)
             blink = torch.from_numpy(ratio).to(device=self.device, dtype=self._dtype)
-            n = windows.shape[0]
-            if self.pad_batches:  # a few input shapes for cuDNN (shapes.py); rows are independent
-                padded = shape_bucket(n, EXP_BATCH_BUCKET)
-                exp = self._audio2exp.predict(pad_rows(windows, padded), ref, pad_rows(blink, padded))[:n]
-            else:
-                exp = self._audio2exp.predict(windows, ref, blink)
-            exp = exp.float().cpu().numpy()
+            exp = call_padded(lambda w, b: self._audio2exp.predict(w, ref, b), EXP_BATCH_BUCKET,
+                              self.pad_batches, windows, blink).float().cpu().numpy()
             pose = self._pose_rows(windows)
         exp = exp * np.float32(self.options.expression_scale)
         return np.concatenate([exp, pose], axis=1).astype(np.float32)

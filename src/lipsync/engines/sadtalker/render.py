@@ -41,7 +41,7 @@ from .checkpoints import load_strict
 from .generator import GeneratorSource, OcclusionAwareSPADEGenerator, fold_batchnorms, keypoint_gaussians
 from .keypoints import KPDetector, transform_keypoints
 from .mapping import WINDOW, MappingNet
-from .shapes import pad_rows, shape_bucket
+from .shapes import call_padded, pad_rows, shape_bucket
 
 #: Coefficients a frame contributes: 64 expression + 3 angles + 3 translation.
 FRAME_COEFFS = 70
@@ -523,10 +523,8 @@ class FaceRenderer(nn.Module):
             windows = semantic_windows(
                 rows, context_before + start, min(MAPPING_SLICE, count - start), window
             )
-            m = windows.shape[0]
-            if self.pad_batches:
-                windows = pad_rows(windows, shape_bucket(m, MAPPING_SLICE))
-            keypoints.append(transform_keypoints(state.kp_canonical, self.mapping(windows))[:m])
+            keypoints.append(call_padded(lambda w: transform_keypoints(state.kp_canonical, self.mapping(w)),
+                                         MAPPING_SLICE, self.pad_batches, windows))
         return torch.cat(keypoints)
 
     @torch.inference_mode()
