@@ -226,9 +226,9 @@ def generate(avatar, audio, output, sample, quiet, engine, checkpoints, device, 
         if not quiet:
             t = result.times
             frames = f"{result.frames} frame{'' if result.frames == 1 else 's'}"
-            speech = f"{result.audio_seconds:.1f}" if result.audio_seconds >= 0.1 else f"{result.audio_seconds:.3f}"
+            seconds = f"{result.audio_seconds:.1f}" if result.audio_seconds >= 0.1 else f"{result.audio_seconds:.3f}"
             click.echo(
-                f"wrote {output}: {frames} ({speech} s of speech) in "
+                f"wrote {output}: {frames} ({seconds} s of audio) in "
                 f"{time.perf_counter() - t0:.2f} s [avatar {t.precompute:.2f}"
                 f"{' cached' if result.avatar_cache_hit else ''}, audio {t.audio:.2f}, motion {t.motion:.2f}, "
                 f"render {t.render:.2f}, encode {t.encode:.2f}]",

@@ -23,7 +23,9 @@ def test_generate_sample_in_a_real_process(tmp_path):
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "wrote" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # the whole clip's length, called audio: pauses are in it too (the sample is 10.24 s long)
+    assert re.search(r"wrote .*talk\.mp4: 256 frames \(10\.2 s of audio\) in ", proc.stderr), proc.stderr
     with av.open(str(out)) as c:
         v = c.streams.video[0]
         assert (v.codec_context.width, v.codec_context.height) == (512, 512)

@@ -311,6 +311,36 @@ def test_malformed_avatar_ids_never_reach_the_pipeline(make_client, bad_id: str)
     assert seen == []
 
 
+def test_a_malformed_avatar_id_is_told_what_an_id_looks_like(client: TestClient) -> None:
+    # not pydantic's regular expression: the user is told where a real id comes from
+    upper = hashlib.sha256(b"x").hexdigest().upper()
+    for r in (client.post("/generate", files={"audio": ("a.wav", WAV)}, data={"avatar_id": "nosuch"}),
+              client.get(f"/avatars/{upper}")):
+        assert r.status_code == 422, r.text
+        message = r.json()["message"]
+        assert "64 lower-case hex characters" in message and "POST /precompute" in message, message
+        assert "pattern" not in message
+
+
+def test_a_json_body_is_told_to_use_multipart(client: TestClient) -> None:
+    r = client.post("/generate", json={"audio": "x"})
+    assert r.status_code == 415, r.text
+    assert r.json()["code"] == "unsupported_media"
+    assert "multipart/form-data" in r.json()["message"] and "application/json" in r.json()["message"]
+    # without any body the missing field is still what is named
+    assert client.post("/generate").json()["detail"]["errors"][0]["field"] == "audio"
+
+
+def test_a_generated_video_carries_no_validators(client: TestClient) -> None:
+    # made for this request and deleted once sent: Last-Modified (the temp file's mtime, which
+    # may read later than Date) and ETag would only invite revalidation that cannot work
+    r = client.post("/generate", files={"audio": ("a.wav", WAV)})
+    assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-store"
+    assert int(r.headers["content-length"]) == len(r.content) > 0
+    assert "last-modified" not in r.headers and "etag" not in r.headers
+
+
 # ------------------------------------------------------------------------------ limits
 def test_declared_body_over_the_limit_is_refused_before_the_app(make_client) -> None:
     client, pipe = make_client(max_upload_bytes=4096)

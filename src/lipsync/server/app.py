@@ -69,7 +69,7 @@ def create_app(
         version=runtime.version,
         description=(
             "Portrait + speech in, lip-synced H.264/AAC MP4 out. POST /generate with a multipart "
-            "`audio` file; every error is JSON `{code, message}`; 503 answers carry Retry-After."
+            "`audio` file; every error is JSON `{code, message, request_id}` (and `detail` where there is more); 503 answers carry Retry-After."
         ),
         lifespan=lifespan,
     )

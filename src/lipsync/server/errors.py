@@ -171,6 +171,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+AVATAR_ID_HINT = (
+    "not an avatar id: expected the 64 lower-case hex characters that POST /avatars or "
+    "POST /precompute returned (`lipsync precompute` prints the same id)"
+)
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def _field_message(loc: list[str], err: dict) -> str:
+    if loc and loc[-1] == "avatar_id" and err.get("type") == "string_pattern_mismatch":
+        return AVATAR_ID_HINT
+    return option_error_text(loc[-1], err) if loc else str(err.get("msg", "invalid"))
+
+
 def _validation_summary(errors: list[dict]) -> tuple[str, list[dict]]:
     items = []
     for err in errors:
@@ -178,7 +191,7 @@ def _validation_summary(errors: list[dict]) -> tuple[str, list[dict]]:
         items.append(
             {
                 "field": ".".join(loc) or None,
-                "message": option_error_text(loc[-1], err) if loc else str(err.get("msg", "invalid")),
+                "message": _field_message(loc, err),
                 "type": str(err.get("type", "")),
             }
         )
@@ -199,7 +212,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, items = _validation_summary(list(exc.errors()))
+        errors = list(exc.errors())
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        in_body = any(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors)
+        if in_body and content_type and content_type not in FORM_TYPES:
+            # e.g. a JSON body: every form field then reads as missing, which names the wrong fault
+            return json_error(
+                415, "unsupported_media",
+                f"{request.url.path} takes multipart/form-data (curl -F field=@file ...); got {content_type}",
+                request_id=_request_id(request),
+            )
+        message, items = _validation_summary(errors)
         return json_error(
             422, "invalid_input", message, detail={"errors": items}, request_id=_request_id(request)
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -75,6 +76,18 @@ SeedForm = option_param("seed", Form)
 
 class MP4Response(Response):
     media_type = "video/mp4"
+
+
+class GeneratedFileResponse(FileResponse):
+    """A file made for this one request: its length, no Last-Modified or ETag.
+
+    Those two come from the temporary file's mtime. Nothing can revalidate against them
+    (``Cache-Control: no-store``, the file is deleted once sent), and the mtime can read a
+    second later than the ``Date`` header, which RFC 9110 section 8.8.2 forbids.
+    """
+
+    def set_stat_headers(self, stat_result: os.stat_result) -> None:
+        self.headers.setdefault("content-length", str(stat_result.st_size))
 
 
 class PrometheusResponse(Response):
@@ -310,7 +323,7 @@ async def generate(
         "X-Audio-Seconds": f"{result.audio_seconds:.3f}",
         "Cache-Control": "no-store",
     }
-    return FileResponse(
+    return GeneratedFileResponse(
         output,
         media_type="video/mp4",
         filename="lipsync.mp4",
