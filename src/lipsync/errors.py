@@ -68,6 +68,12 @@ class NoFaceFound(InvalidInput):
 class AvatarNotFound(LipsyncError):
     code = "avatar_not_found"
 
+    @classmethod
+    def unknown(cls, avatar_id: str) -> AvatarNotFound:
+        """A well-formed id that nothing was precomputed for, with where ids come from."""
+        return cls(f"no avatar with id {avatar_id!r}; precompute it first (lipsync precompute, POST /precompute)",
+                   avatar_id=avatar_id)
+
 
 # --- service state ---------------------------------------------------------------------------
 class Busy(LipsyncError):

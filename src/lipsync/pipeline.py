@@ -159,7 +159,7 @@ class LipSyncPipeline:
         """A cached avatar by id (AvatarNotFound if unknown or its entry was corrupt)."""
         avatar = self.cache.load(avatar_id)  # validates the id; AvatarNotFound if malformed
         if avatar is None:
-            raise AvatarNotFound(f"no avatar with id {avatar_id!r}; precompute it first (lipsync precompute, POST /precompute)", avatar_id=avatar_id)
+            raise AvatarNotFound.unknown(avatar_id)
         self._prepare_for_engine(avatar)
         return avatar
 

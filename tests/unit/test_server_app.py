@@ -264,7 +264,8 @@ def test_avatar_crud(make_client) -> None:
     deleted = client.delete(f"/avatars/{avatar_id}")
     assert deleted.status_code == 200 and deleted.json() == {"id": avatar_id, "deleted": True}
     assert client.delete(f"/avatars/{avatar_id}").status_code == 404
-    assert client.get(f"/avatars/{avatar_id}").status_code == 404
+    missing = client.get(f"/avatars/{avatar_id}")
+    assert missing.status_code == 404 and "POST /precompute" in missing.json()["message"]
     gone = client.post("/generate", files={"audio": ("a.wav", WAV)}, data={"avatar_id": avatar_id})
     assert gone.status_code == 404 and gone.json()["code"] == "avatar_not_found"
 

@@ -374,7 +374,7 @@ class SharedAvatarPipeline:
         if source is None:
             # Deleted (or never uploaded) cluster-wide: drop any stale local copy.
             self._inner.cache.delete(avatar_id)
-            raise AvatarNotFound(f"no avatar with id {avatar_id!r}; precompute it first (lipsync precompute, POST /precompute)", avatar_id=avatar_id)
+            raise AvatarNotFound.unknown(avatar_id)
         if not self._inner.cache.contains(avatar_id):
             avatar, _ = self._inner.add_avatar(source)  # rebuild this node's precompute
             if avatar.id != avatar_id:  # the id is the SHA-256 of the source bytes

@@ -546,7 +546,7 @@ def get_avatar(request: Request, avatar_id: AvatarIdParam) -> AvatarOut:
     for info in pipeline.list_avatars():
         if _info_id(info) == avatar_id:
             return AvatarOut(id=avatar_id, default=avatar_id == rt.default_avatar_id, info=_avatar_info(info))
-    raise AvatarNotFound(f"no avatar with id {avatar_id!r}", avatar_id=avatar_id)
+    raise AvatarNotFound.unknown(avatar_id)
 
 
 @router.delete(
@@ -564,7 +564,7 @@ def delete_avatar(request: Request, avatar_id: AvatarIdParam) -> AvatarDeleted:
             "this is the default avatar; replace it with POST /precompute first", avatar_id=avatar_id
         )
     if not pipeline.delete_avatar(AvatarId(avatar_id)):
-        raise AvatarNotFound(f"no avatar with id {avatar_id!r}", avatar_id=avatar_id)
+        raise AvatarNotFound.unknown(avatar_id)
     return AvatarDeleted(id=avatar_id, deleted=True)
 
 
