@@ -121,30 +121,23 @@ def membership_changes(a: np.ndarray, b: np.ndarray, speech: np.ndarray) -> floa
     return float(0.5 * (lo[speech].mean() + hi[speech].mean()))
 
 
-def real_proxy(gap: np.ndarray, case: Path) -> tuple[float, float, float]:
-    """realsync's real_corr / closed_agree / open_agree of ``gap`` against the real mouth."""
-    from lipsync.io import decode_audio
-
+def real_proxy(gap: np.ndarray, case: Path, realsync) -> tuple[float, float, float]:
+    """realsync's real_corr / closed_agree / open_agree of ``gap`` (the drawn lip gap, no video)
+    against the real mouth, with the judge's own speech mask, lag search and correlation
+    (``realsync`` is ``../shared/eval/realsync.py`` as a module)."""
     real = np.asarray(json.loads((case / "reference.json").read_text())["opening"], float)
     n = min(len(real), len(gap))
     real, gap = real[:n], gap[:n]
-    a = decode_audio(str(case / "speech.wav")).samples.astype(np.float64)
-    hop = SR // FPS
-    env = np.array([20 * np.log10(np.sqrt(np.mean(a[i * hop:(i + 1) * hop] ** 2)) + 1e-9) for i in range(n)])
+    audio, _ = realsync.read_audio(case / "speech.wav")
+    env = realsync.envelope_db(audio, n)
     speech = env > np.percentile(env, 95) - 30
-
-    def corr(lag: int) -> float:
-        t = np.arange(n)
-        ok = (t + lag >= 0) & (t + lag < n) & speech
-        x, y = gap[t[ok] + lag], real[t[ok]]
-        return float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else 0.0
-
-    lag = max(range(-2, 3), key=corr)
+    lag = max(range(-2, 3), key=lambda L: realsync._corr(gap, real, L, speech))
     rs = real[speech]
     gs = gap[np.clip(np.flatnonzero(speech) + lag, 0, n - 1)]
     r_lo, r_hi = np.percentile(rs, [20, 80])
     g_lo, g_hi = np.percentile(gs, [40, 60])
-    return corr(lag), float(np.mean(gs[rs <= r_lo] <= g_lo)), float(np.mean(gs[rs >= r_hi] >= g_hi))
+    return (realsync._corr(gap, real, lag, speech), float(np.mean(gs[rs <= r_lo] <= g_lo)),
+            float(np.mean(gs[rs >= r_hi] >= g_hi)))
 
 
 def clips(shared: Path, extra: Path | None) -> list[tuple[str, str, Path, Path | None]]:
@@ -182,6 +175,9 @@ def main() -> int:
     from lipsync.io import decode_audio
     from lipsync.io.condition import condition
     from lipsync.options import MotionOptions
+
+    sys.path.insert(0, str(args.shared / "eval"))
+    import realsync  # the judge's scoring functions
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -256,7 +252,7 @@ def main() -> int:
             text = ""
             if d["case"] is not None:
                 both = 0.5 * (s0 / max(s0.max(), 1e-9) + t0 / max(t0.max(), 1e-9))
-                p = [real_proxy(g, d["case"]) for g in (t0, s0, both)]
+                p = [real_proxy(g, d["case"], realsync) for g in (t0, s0, both)]
                 proxies.append(p)
                 text = " | ".join(" / ".join(f"{v:.2f}" for v in q) for q in p)
             print(f"| {d['name'][:34]} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.3f} | "
